@@ -1,0 +1,1 @@
+"""Standard-library-only clients for a running ComfyUI server (never imports torch)."""

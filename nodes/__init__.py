@@ -1,0 +1,14 @@
+"""ComfyUI node layer: the only code that imports ``comfy`` and ``folder_paths``.
+
+Importing this package wires the library to ComfyUI (model folders, progress, interruption) and
+builds the node mappings from each node module's ``NODES`` list.
+"""
+
+from . import comfy_bridge, utility_nodes
+from .registry import build_mappings
+
+comfy_bridge.install()
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings([*utility_nodes.NODES])
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,1 @@
+"""Headless training: one generic loop plus one task module per trainable model."""
