@@ -216,8 +216,9 @@ def parse_extra_model_paths(yaml_path: str | os.PathLike) -> dict[str, list[Path
                 if not line:
                     continue
                 p = Path(os.path.expandvars(line)).expanduser()
-                if base_path is not None and not p.is_absolute():
-                    p = base_path / p
+                if not p.is_absolute():
+                    # Like ComfyUI: relative to base_path, or to the YAML file's folder without one.
+                    p = (base_path if base_path is not None else yaml_path.parent.resolve()) / p
                 result.setdefault(key, []).append(p)
     return result
 

@@ -22,11 +22,9 @@ def register_model_folders() -> None:
         if not existed:
             # A key ComfyUI creates here has an empty extension set, which lists every file.
             folder_paths.folder_names_and_paths[kind.key] = (paths, set(kind.extensions))
-        elif isinstance(extensions, set) and extensions:
-            extensions.update(kind.extensions)
-        elif isinstance(extensions, list) and extensions != ["folder"]:
-            # Some ComfyUI keys keep a list (e.g. "diffusers": ["folder"]); extend lists in place too.
-            extensions.extend(e for e in kind.extensions if e not in extensions)
+        elif extensions and list(extensions) != ["folder"]:
+            # ComfyUI shares one extension set between several keys: build a new one, never mutate.
+            folder_paths.folder_names_and_paths[kind.key] = (paths, set(extensions) | set(kind.extensions))
 
 
 def _dirs_for(key: str) -> list[str]:

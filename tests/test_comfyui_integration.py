@@ -53,6 +53,10 @@ def server(tmp_path_factory):
     from PIL import Image
 
     Image.new("RGBA", (40, 30), (200, 10, 10, 128)).save(base / "input" / "rgba.png")
+    # A folder known only through extra_model_paths.yaml must show up in PriorFace's listing.
+    (base / "elsewhere" / "sams").mkdir(parents=True)
+    (base / "elsewhere" / "sams" / "sam_from_yaml.pth").write_bytes(b"0")
+    (base / "extra.yaml").write_text(f"other:\n  base_path: {base / 'elsewhere'}\n  sams: sams\n")
     port = _free_port()
     log_path = base / "server.log"
     cmd = [
@@ -66,6 +70,8 @@ def server(tmp_path_factory):
         "--disable-auto-launch",
         "--base-directory",
         str(base),
+        "--extra-model-paths-config",
+        str(base / "extra.yaml"),
     ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
@@ -137,3 +143,4 @@ def test_api_graph_runs(server):
     img = Image.open(base / "output" / saved.get("subfolder", "") / saved["filename"])
     assert img.size == (40, 30) and img.mode == "RGB"
     assert "[sams]" in result["outputs"]["4"]["text"][0]
+    assert "sam_from_yaml.pth" in result["outputs"]["4"]["text"][0]

@@ -50,10 +50,13 @@ def test_extra_model_paths_yaml(tmp_path):
     yaml_file.parent.mkdir()
     yaml_file.write_text(
         f"mine:\n  base_path: ../shared\n  sams: my_sams\n  clip: |\n    {tmp_path / 'abs'}\n    other\n"
+        "loose:\n  sams: relative_sams\n"
     )
     parsed = parse_extra_model_paths(yaml_file)
-    assert parsed["sams"] == [(tmp_path / "shared" / "my_sams").resolve()]
+    assert parsed["sams"][0] == (tmp_path / "shared" / "my_sams").resolve()
     assert parsed["text_encoders"][0] == tmp_path / "abs"  # legacy key 'clip' maps like ComfyUI
+    assert parsed["text_encoders"][1] == (tmp_path / "shared" / "other").resolve()
+    assert parsed["sams"][1] == (yaml_file.parent / "relative_sams").resolve()  # no base_path: YAML's folder
     loc = headless_locator(None, yaml_file)
     assert loc.list("sams") == ["sam_vit_l.pth"] and loc.list("text_encoders") == ["clip_l.safetensors"]
 
