@@ -1,0 +1,111 @@
+"""Face datasets: stable splits, deterministic LQ per (seed, epoch, index), precomputed LQ, labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from priorface.training.datasets import (
+    FaceDataset,
+    FaceDatasetConfig,
+    parse_utkface_name,
+    precompute_lq,
+    split_of,
+)
+
+UTKFACE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces" / "train" / "utkface"
+
+
+@pytest.fixture
+def faces_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "hq"
+    (root / "sub").mkdir(parents=True)
+    for i in range(12):
+        arr = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
+        name = f"{20 + i}_{i % 2}_{i % 5}_2017.jpg" if i < 10 else f"sub/face{i}.png"
+        Image.fromarray(arr).save(root / name)
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(root / "gray.png")  # grayscale becomes RGB
+    return root
+
+
+def test_split_is_stable_and_disjoint(faces_dir):
+    cfg = dict(hq_dirs=[str(faces_dir)], size=32, degradation="bicubic_x4", val_fraction=0.3)
+    train = FaceDataset(FaceDatasetConfig(**cfg, split="train"))
+    val = FaceDataset(FaceDatasetConfig(**cfg, split="val"))
+    names_train = {rel for _p, rel in train.files}
+    names_val = {rel for _p, rel in val.files}
+    assert not names_train & names_val and len(names_train | names_val) == 13
+    assert all(split_of(n, 0.3) == "val" for n in names_val)
+
+
+def test_items_are_deterministic_per_epoch(faces_dir):
+    cfg = FaceDatasetConfig(hq_dirs=[str(faces_dir)], size=32, degradation="blind", split="all", hflip=True)
+    a, b = FaceDataset(cfg), FaceDataset(cfg)
+    x, y = a[3], b[3]
+    assert x["hq"].shape == (3, 32, 32) and x["lq"].shape == (3, 32, 32)
+    assert torch.equal(x["lq"], y["lq"]) and x["degradation"] == y["degradation"]
+    b.set_epoch(1)
+    assert not torch.equal(a[3]["lq"], b[3]["lq"]), "a new epoch must draw a new degradation"
+    assert a[0]["labels"] == {"age": 20, "gender": "male", "race": "white"}
+
+
+def test_lr_size_and_bicubic(faces_dir):
+    cfg = FaceDatasetConfig(
+        hq_dirs=[str(faces_dir)], size=32, degradation="bicubic_x8", lq_size="lr", split="all"
+    )
+    item = FaceDataset(cfg)[0]
+    assert item["lq"].shape == (3, 4, 4)
+
+
+def test_precomputed_lq_round_trip(faces_dir, tmp_path):
+    cfg = FaceDatasetConfig(hq_dirs=[str(faces_dir)], size=32, degradation="blind", split="all")
+    ds = FaceDataset(cfg)
+    out = precompute_lq(ds, tmp_path / "lq")
+    assert (out / "degradations.json").is_file()
+    pre = FaceDataset(
+        FaceDatasetConfig(
+            hq_dirs=[str(faces_dir)], size=32, degradation="precomputed", lq_dir=str(out), split="all"
+        )
+    )
+    for i in (0, 11):
+        assert torch.allclose(pre[i]["lq"], ds[i]["lq"], atol=0.5 / 255 + 1e-6)
+    (out / "sub" / "face11.png").unlink()
+    with pytest.raises(FileNotFoundError, match="face11"):
+        FaceDataset(
+            FaceDatasetConfig(
+                hq_dirs=[str(faces_dir)], size=32, degradation="precomputed", lq_dir=str(out), split="all"
+            )
+        )
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        FaceDataset(FaceDatasetConfig(hq_dirs=[str(tmp_path / "nope")]))
+    with pytest.raises(ValueError, match="degradation"):
+        FaceDataset(FaceDatasetConfig(hq_dirs=[str(tmp_path)], degradation="sharpen"))
+
+
+def test_utkface_names():
+    assert parse_utkface_name("100_1_2_20170110183726390.jpg") == {
+        "age": 100,
+        "gender": "female",
+        "race": "asian",
+    }
+    assert parse_utkface_name("00001.png") is None
+
+
+@pytest.mark.skipif(not UTKFACE.is_dir(), reason="shared UTKFace subset not present")
+def test_real_utkface_subset():
+    ds = FaceDataset(
+        FaceDatasetConfig(
+            hq_dirs=[str(UTKFACE)], size=64, degradation="bicubic_x4", split="val", val_fraction=0.05
+        )
+    )
+    assert 350 < len(ds) < 650  # about 5% of 10,000, by hash
+    item = ds[0]
+    assert item["labels"]["gender"] in ("male", "female") and item["hq"].shape == (3, 64, 64)

@@ -1,0 +1,203 @@
+"""Face datasets shared by every trainer: HQ folders, on-the-fly or precomputed LQ, stable splits.
+
+Items are dicts of CHW float tensors in [0, 1] plus bookkeeping::
+
+    {"hq": [3,S,S], "lq": [3,s,s], "name": "00001", "index": 7,
+     "degradation": "<JSON of drawn parameters>", "labels": {...}, "priors": {...}}
+
+Determinism: the split depends only on each file's relative name (a hash), so adding files never
+moves existing ones between train and validation; the LQ of item ``i`` in epoch ``e`` is drawn
+with seed ``hash(seed, e, i)``, so a resumed run sees exactly the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..inference.degradations import MODES, degrade
+from ..inference.images import resize_bchw
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SPLITS = ("train", "val", "all")
+_UTKFACE_NAME = re.compile(r"^(\d+)_([01])_([0-4])_")
+_UTK_GENDER = ("male", "female")
+_UTK_RACE = ("white", "black", "asian", "indian", "other")
+
+
+@dataclass
+class FaceDatasetConfig:
+    """Everything that defines a dataset; stored in training checkpoints to rebuild it."""
+
+    hq_dirs: list[str]  # folders of aligned HQ faces (searched recursively)
+    size: int = 256  # HQ side in pixels (images are resized, antialiased, to size x size)
+    degradation: str = "bicubic_x8"  # a degradations mode, or "precomputed" (read lq_dir)
+    lq_size: str = "input"  # "input": LQ resized back to HQ size; "lr": keep the small LQ
+    lq_dir: str | None = None  # precomputed LQ faces, matched to HQ by relative path stem
+    split: str = "train"  # "train", "val" or "all"
+    val_fraction: float = 0.05  # share of files (by name hash) that form the validation split
+    seed: int = 0  # seeds LQ synthesis and the split hash
+    hflip: bool = False  # random horizontal flip of train items (same flip for HQ and LQ)
+    priors_dir: str | None = None  # cached priors: <priors_dir>/<relative stem>.safetensors
+    max_items: int | None = None  # keep the first N files of the split (after sorting)
+    extra: dict = field(default_factory=dict)  # free-form settings recorded with the dataset
+
+
+def parse_utkface_name(name: str) -> dict | None:
+    """Labels from a UTKFace file name ``AGE_GENDER_RACE_DATE.jpg``; None when it does not match."""
+    m = _UTKFACE_NAME.match(Path(name).name)
+    if not m:
+        return None
+    age, gender, race = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    return {"age": age, "gender": _UTK_GENDER[gender], "race": _UTK_RACE[race]}
+
+
+def split_of(relative_name: str, val_fraction: float, seed: int = 0) -> str:
+    """'val' or 'train' for a file, from a hash of its relative name (stable as folders grow)."""
+    digest = hashlib.sha1(f"{seed}:{relative_name}".encode()).digest()
+    fraction = int.from_bytes(digest[:8], "big") / 2**64
+    return "val" if fraction < val_fraction else "train"
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of the LQ synthesis of one item in one epoch (independent of worker and batch)."""
+    digest = hashlib.sha1(f"{seed}:{epoch}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def list_images(folders: list[str | Path]) -> list[tuple[Path, str]]:
+    """(path, relative name) of every image below the folders, sorted by relative name."""
+    found = []
+    for folder in folders:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}")
+        for p in root.rglob("*"):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                found.append((p, p.relative_to(root).as_posix()))
+    return sorted(found, key=lambda pr: pr[1])
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """Read an image file as RGB CHW float32 in [0, 1] (grayscale and alpha are converted)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class FaceDataset(torch.utils.data.Dataset):
+    """HQ/LQ face pairs for training and validation (see module docstring for the item format)."""
+
+    def __init__(self, config: FaceDatasetConfig):
+        if config.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {config.split!r}")
+        if config.degradation != "precomputed" and config.degradation not in MODES:
+            raise ValueError(
+                f"degradation must be 'precomputed' or one of {MODES}, got {config.degradation!r}"
+            )
+        if config.degradation == "precomputed" and not config.lq_dir:
+            raise ValueError("degradation 'precomputed' needs lq_dir (a folder of LQ faces)")
+        if not 0.0 <= config.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+        self.config = config
+        files = list_images(config.hq_dirs)
+        if config.split != "all":
+            files = [f for f in files if split_of(f[1], config.val_fraction, config.seed) == config.split]
+        if config.max_items is not None:
+            files = files[: config.max_items]
+        if not files:
+            raise ValueError(f"no images for split {config.split!r} in {config.hq_dirs}")
+        self.files = files
+        self.epoch = 0
+        self._lq_index = self._index_lq() if config.degradation == "precomputed" else {}
+
+    def _index_lq(self) -> dict[str, Path]:
+        by_stem = {str(Path(rel).with_suffix("")): p for p, rel in list_images([self.config.lq_dir])}
+        missing = [rel for _p, rel in self.files if str(Path(rel).with_suffix("")) not in by_stem]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} HQ image(s) have no LQ counterpart in {self.config.lq_dir}, e.g. {missing[:3]}"
+            )
+        return by_stem
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose LQ draws and flips are returned (call before each epoch)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path, rel = self.files[index]
+        cfg = self.config
+        hq = resize_bchw(load_image(path).unsqueeze(0), cfg.size, cfg.size)
+        seed = item_seed(cfg.seed, self.epoch, index)
+        stem = str(Path(rel).with_suffix(""))
+        if cfg.degradation == "precomputed":
+            lq = load_image(self._lq_index[stem]).unsqueeze(0)
+            if cfg.lq_size == "input":
+                lq = resize_bchw(lq, cfg.size, cfg.size)
+            params = {"mode": "precomputed", "file": str(self._lq_index[stem])}
+        else:
+            lq, params = degrade(hq, cfg.degradation, seed, cfg.lq_size)
+        if cfg.hflip and cfg.split == "train" and np.random.default_rng(seed).random() < 0.5:
+            hq, lq = hq.flip(-1), lq.flip(-1)
+            params["hflip"] = True
+        item = {
+            "hq": hq[0],
+            "lq": lq[0],
+            "name": stem,
+            "index": index,
+            "degradation": json.dumps(params),
+            "labels": parse_utkface_name(rel) or {},
+        }
+        if cfg.priors_dir:
+            item["priors"] = self._load_priors(stem)
+        return item
+
+    def _load_priors(self, stem: str) -> dict[str, torch.Tensor]:
+        from ..models.checkpoint import read_checkpoint
+
+        path = Path(self.config.priors_dir) / f"{stem}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"no cached priors for {stem!r}: expected {path} (extract priors first)")
+        return read_checkpoint(path).content
+
+    def describe(self) -> dict:
+        """Config plus size, for logs and checkpoints."""
+        return {**asdict(self.config), "items": len(self)}
+
+
+def precompute_lq(dataset: FaceDataset, out_dir: str | Path) -> Path:
+    """Write each item's LQ as PNG (same relative names) plus a JSON of the drawn parameters."""
+    from PIL import Image
+
+    from ..inference.progress import progress_bar
+
+    out = Path(out_dir)
+    records = {}
+    with progress_bar(len(dataset), "Precomputing LQ") as bar:
+        for i in range(len(dataset)):
+            item = dataset[i]
+            target = out / f"{item['name']}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            arr = (item["lq"].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(target)
+            records[item["name"]] = json.loads(item["degradation"])
+            bar.update(1)
+    (out / "degradations.json").write_text(json.dumps(records, indent=1))
+    return out
