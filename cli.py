@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.add_argument("--architecture", default="unknown", help="architecture name stored in the metadata")
     p.set_defaults(func=cmd_convert)
+
+    from .inference.metrics.evaluate_cli import add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -76,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    from .models.checkpoint import CheckpointError
+
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
