@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
@@ -19,15 +22,25 @@ def test_every_package_folder_is_listed():
     found = {"priorface"}
     for init in REPO_ROOT.rglob("__init__.py"):
         rel = init.parent.relative_to(REPO_ROOT)
-        if rel.parts and rel.parts[0] in ("tests", "build", "scripts") or any(p.startswith(".") for p in rel.parts):
+        if (
+            rel.parts
+            and rel.parts[0] in ("tests", "build", "scripts")
+            or any(p.startswith(".") for p in rel.parts)
+        ):
             continue
         if rel.parts:
             found.add("priorface." + ".".join(rel.parts))
-    assert found == listed, f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+    assert found == listed, (
+        f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+    )
 
 
 def test_requirements_txt_matches_runtime_dependencies():
-    lines = [line for line in (REPO_ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
+    lines = [
+        line
+        for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     req = {_name(line) for line in lines}
     runtime = {_name(d) for d in PYPROJECT["project"]["dependencies"]}
     runtime |= {_name(d) for d in PYPROJECT["project"]["optional-dependencies"]["faces"]}
