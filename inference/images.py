@@ -120,3 +120,38 @@ def resize_bchw(t: torch.Tensor, height: int, width: int, mode: str = "bicubic")
     if mode in ("bilinear", "bicubic"):
         kwargs["antialias"] = shrinking
     return F.interpolate(t, size=(height, width), mode=mode, **kwargs).clamp(0.0, 1.0)
+
+
+def load_image_file(path) -> torch.Tensor:
+    """Read an image file as RGB CHW float32 in [0, 1] (grayscale and alpha are converted)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def save_image_file(chw: torch.Tensor, path) -> None:
+    """Write an RGB CHW float tensor in [0, 1] as an 8-bit image (format from the suffix), atomically."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    arr = (chw.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        Image.fromarray(arr).save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..inference.degradations import MODES, degrade
-from ..inference.images import resize_bchw
+from ..inference.images import load_image_file as load_image
+from ..inference.images import resize_bchw, save_image_file
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +86,6 @@ def list_images(folders: list[str | Path]) -> list[tuple[Path, str]]:
             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
                 found.append((p, p.relative_to(root).as_posix()))
     return sorted(found, key=lambda pr: pr[1])
-
-
-def load_image(path: Path) -> torch.Tensor:
-    """Read an image file as RGB CHW float32 in [0, 1] (grayscale and alpha are converted)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 class FaceDataset(torch.utils.data.Dataset):
@@ -184,8 +173,6 @@ class FaceDataset(torch.utils.data.Dataset):
 
 def precompute_lq(dataset: FaceDataset, out_dir: str | Path) -> Path:
     """Write each item's LQ as PNG (same relative names) plus a JSON of the drawn parameters."""
-    from PIL import Image
-
     from ..inference.progress import progress_bar
 
     out = Path(out_dir)
@@ -193,10 +180,7 @@ def precompute_lq(dataset: FaceDataset, out_dir: str | Path) -> Path:
     with progress_bar(len(dataset), "Precomputing LQ") as bar:
         for i in range(len(dataset)):
             item = dataset[i]
-            target = out / f"{item['name']}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            arr = (item["lq"].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(target)
+            save_image_file(item["lq"], out / f"{item['name']}.png")
             records[item["name"]] = json.loads(item["degradation"])
             bar.update(1)
     (out / "degradations.json").write_text(json.dumps(records, indent=1))
