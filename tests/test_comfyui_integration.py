@@ -144,3 +144,37 @@ def test_api_graph_runs(server):
     assert img.size == (40, 30) and img.mode == "RGB"
     assert "[sams]" in result["outputs"]["4"]["text"][0]
     assert "sam_from_yaml.pth" in result["outputs"]["4"]["text"][0]
+
+
+FFHQ_FACE = REPO_ROOT.parent / "shared" / "data" / "faces" / "dev" / "ffhq" / "00000.png"
+
+
+@pytest.mark.skipif(not FFHQ_FACE.is_file(), reason="shared FFHQ face not present")
+def test_shipped_face_workflow_runs(server):
+    """The API twin of workflows/face_crop_and_paste.json runs as shipped on a real face."""
+    import shutil
+
+    url, base, _log = server
+    shutil.copy(FFHQ_FACE, base / "input" / "example.png")
+    graph = json.loads((REPO_ROOT / "workflows" / "api" / "face_crop_and_paste.json").read_text())
+    result = _run(url, graph, timeout=300)
+    assert result["status"]["status_str"] == "success", result["status"]
+    from PIL import Image
+
+    saved = next(
+        iter(
+            o["images"][0]
+            for o in result["outputs"].values()
+            if o.get("images") and o["images"][0]["type"] == "output"
+        )
+    )
+    pasted = Image.open(base / "output" / saved["subfolder"] / saved["filename"])
+    assert pasted.size == Image.open(FFHQ_FACE).size
+
+
+def test_workflows_are_listed_as_templates(server):
+    url, _base, _log = server
+    templates = _get(url + "/workflow_templates")
+    assert "face_crop_and_paste" in templates.get("PriorFace", []), templates
+    served = _get(url + "/api/workflow_templates/PriorFace/face_crop_and_paste.json")
+    assert any(n["type"] == "PriorFaceDetectFaces" for n in served["nodes"])
