@@ -109,3 +109,24 @@ def test_real_utkface_subset():
     assert 350 < len(ds) < 650  # about 5% of 10,000, by hash
     item = ds[0]
     assert item["labels"]["gender"] in ("male", "female") and item["hq"].shape == (3, 64, 64)
+
+
+FFHQ = UTKFACE.parents[1] / "dev" / "ffhq"
+
+
+@pytest.mark.skipif(not FFHQ.is_dir(), reason="shared FFHQ faces not present")
+def test_realign_ffhq_faces_to_the_utkface_template():
+    from priorface.inference.face_align import template_points
+    from priorface.inference.face_detection import detect_faces
+
+    cfg = FaceDatasetConfig(
+        hq_dirs=[str(FFHQ)], size=128, degradation="bicubic_x4", split="all", align="utkface", max_items=2
+    )
+    item = FaceDataset(cfg)[0]
+    assert item["hq"].shape == (3, 128, 128)
+    # The re-aligned face's eyes sit where the tight template puts them (within a few pixels).
+    found = detect_faces(item["hq"].unsqueeze(0), "dlib", upsample=1)
+    eyes = template_points("utkface", 128)[:2]
+    assert found and np.abs(found[0].landmarks[:2] - eyes).max() < 6
+    with pytest.raises(ValueError, match="align"):
+        FaceDataset(FaceDatasetConfig(hq_dirs=[str(FFHQ)], align="square"))

@@ -47,6 +47,8 @@ class FaceDatasetConfig:
     split: str = "train"  # "train", "val" or "all"
     val_fraction: float = 0.05  # share of files (by name hash) that form the validation split
     seed: int = 0  # seeds LQ synthesis and the split hash
+    align: str = "none"  # "none": files are aligned crops already; or a template name to re-align to
+    detector: str = "dlib"  # detector used when align is a template (embedded dlib by default)
     hflip: bool = False  # random horizontal flip of train items (same flip for HQ and LQ)
     priors_dir: str | None = None  # cached priors: <priors_dir>/<relative stem>.safetensors
     max_items: int | None = None  # keep the first N files of the split (after sorting)
@@ -98,6 +100,11 @@ class FaceDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"degradation must be 'precomputed' or one of {MODES}, got {config.degradation!r}"
             )
+        if config.align != "none":
+            from ..inference.face_align import TEMPLATES
+
+            if config.align not in TEMPLATES:
+                raise ValueError(f"align must be 'none' or one of {sorted(TEMPLATES)}, got {config.align!r}")
         if config.degradation == "precomputed" and not config.lq_dir:
             raise ValueError("degradation 'precomputed' needs lq_dir (a folder of LQ faces)")
         if not 0.0 <= config.val_fraction < 1.0:
@@ -133,7 +140,7 @@ class FaceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         path, rel = self.files[index]
         cfg = self.config
-        hq = resize_bchw(load_image(path).unsqueeze(0), cfg.size, cfg.size)
+        hq = self._load_hq(path)
         seed = item_seed(cfg.seed, self.epoch, index)
         stem = str(Path(rel).with_suffix(""))
         if cfg.degradation == "precomputed":
@@ -157,6 +164,21 @@ class FaceDataset(torch.utils.data.Dataset):
         if cfg.priors_dir:
             item["priors"] = self._load_priors(stem)
         return item
+
+    def _load_hq(self, path: Path) -> torch.Tensor:
+        """HQ face as [1,3,size,size]: resized, or detected and aligned to the chosen template."""
+        image = load_image(path).unsqueeze(0)
+        cfg = self.config
+        if cfg.align == "none":
+            return resize_bchw(image, cfg.size, cfg.size)
+        from ..inference.face_pipeline import crop_faces
+
+        crops, data = crop_faces(image, cfg.detector, template=cfg.align, size=cfg.size, max_faces=1)
+        if not data.faces:
+            # Keep the item (the file is still a face picture); say so instead of silently dropping it.
+            log.warning("no face found in %s; using the whole image resized", path)
+            return resize_bchw(image, cfg.size, cfg.size)
+        return crops
 
     def _load_priors(self, stem: str) -> dict[str, torch.Tensor]:
         from ..models.checkpoint import read_checkpoint
