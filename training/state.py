@@ -1,0 +1,101 @@
+"""Training state as safetensors: model, EMA, optimizer, RNG streams and counters, written atomically.
+
+Everything a run needs to continue bit-for-bit is stored without pickle: optimizer tensors are
+flattened to ``optim.<param index>.<name>`` entries, its hyper-parameters and the counters go to
+JSON metadata, and the torch/numpy/python RNG states become tensors or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models.checkpoint import read_checkpoint, save_safetensors
+
+STATE_ARCH = "priorface-train-state"
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_train_state(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: torch.nn.Module | None,
+    counters: dict[str, Any],
+    config: dict[str, Any],
+) -> None:
+    """Write everything needed to resume exactly (atomic: a crash keeps the previous file)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    optim_tensors, optim_meta = _optimizer_tensors(optimizer)
+    tensors.update(optim_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    np_state = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    py_state = random.getstate()
+    meta = {
+        "counters": counters,
+        "optimizer": optim_meta,
+        "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    save_safetensors(tensors, path, STATE_ARCH, config, extra_metadata={"priorface.train": json.dumps(meta)})
+
+
+def load_train_state(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: torch.nn.Module | None,
+) -> dict[str, Any]:
+    """Restore model, EMA, optimizer and RNG streams from :func:`save_train_state`; return the counters."""
+    from ..models.checkpoint import load_weights
+
+    ckpt = read_checkpoint(path)
+    if ckpt.architecture != STATE_ARCH:
+        raise ValueError(f"{path} is not a PriorFace training state (architecture {ckpt.architecture!r})")
+    tensors = ckpt.content
+    meta = json.loads(ckpt.metadata["priorface.train"])
+    load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, source=str(path))
+    if ema is not None:
+        load_weights(
+            ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, source=f"{path} (EMA)"
+        )
+    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    version, pos, has_gauss, gauss = meta["rng_numpy"]
+    np.random.set_state((version, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    v, internal, g = meta["rng_python"]
+    random.setstate((v, tuple(internal), g))
+    return meta["counters"]
