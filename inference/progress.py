@@ -45,7 +45,8 @@ class _TqdmHandle:
             self._bar = None
             log.info("%s: 0/%d", desc, total)
         else:
-            self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            # delay: short loops (one face, one image) stay silent; only work over a second shows a bar.
+            self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, delay=1.0)
         self._desc, self._total, self._done = desc, total, 0
 
     def update(self, n: int = 1, preview: Any | None = None) -> None:

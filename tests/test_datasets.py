@@ -130,3 +130,13 @@ def test_realign_ffhq_faces_to_the_utkface_template():
     assert found and np.abs(found[0].landmarks[:2] - eyes).max() < 6
     with pytest.raises(ValueError, match="align"):
         FaceDataset(FaceDatasetConfig(hq_dirs=[str(FFHQ)], align="square"))
+
+
+@pytest.mark.skipif(not FFHQ.is_dir(), reason="shared FFHQ faces not present")
+def test_reframing_from_a_known_template_matches_detection():
+    common = dict(hq_dirs=[str(FFHQ)], size=128, degradation="bicubic_x4", split="all", align="utkface", max_items=3)
+    reframed = FaceDataset(FaceDatasetConfig(**common, source_template="ffhq"))
+    detected = FaceDataset(FaceDatasetConfig(**common))
+    for i in range(3):
+        # FFHQ's own alignment is not the 5-point template exactly: a few pixels apart at most.
+        assert (reframed[i]["hq"] - detected[i]["hq"]).abs().mean() < 0.06

@@ -49,6 +49,7 @@ class FaceDatasetConfig:
     seed: int = 0  # seeds LQ synthesis and the split hash
     align: str = "none"  # "none": files are aligned crops already; or a template name to re-align to
     detector: str = "dlib"  # detector used when align is a template (embedded dlib by default)
+    source_template: str | None = None  # files already aligned to this template: reframe without detection
     hflip: bool = False  # random horizontal flip of train items (same flip for HQ and LQ)
     priors_dir: str | None = None  # cached priors: <priors_dir>/<relative stem>.safetensors
     max_items: int | None = None  # keep the first N files of the split (after sorting)
@@ -103,7 +104,9 @@ class FaceDataset(torch.utils.data.Dataset):
         if config.align != "none":
             from ..inference.face_align import TEMPLATES
 
-            if config.align not in TEMPLATES:
+            if config.align not in TEMPLATES or (
+                config.source_template and config.source_template not in TEMPLATES
+            ):
                 raise ValueError(f"align must be 'none' or one of {sorted(TEMPLATES)}, got {config.align!r}")
         if config.degradation == "precomputed" and not config.lq_dir:
             raise ValueError("degradation 'precomputed' needs lq_dir (a folder of LQ faces)")
@@ -171,6 +174,8 @@ class FaceDataset(torch.utils.data.Dataset):
         cfg = self.config
         if cfg.align == "none":
             return resize_bchw(image, cfg.size, cfg.size)
+        if cfg.source_template:
+            return self._reframe(image)
         from ..inference.face_pipeline import crop_faces
 
         crops, data = crop_faces(image, cfg.detector, template=cfg.align, size=cfg.size, max_faces=1)
@@ -179,6 +184,19 @@ class FaceDataset(torch.utils.data.Dataset):
             log.warning("no face found in %s; using the whole image resized", path)
             return resize_bchw(image, cfg.size, cfg.size)
         return crops
+
+    def _reframe(self, image: torch.Tensor) -> torch.Tensor:
+        """Exact change of framing between two templates (no detection, same for every file)."""
+        from ..inference.face_align import estimate_similarity, template_points, warp_affine
+
+        cfg = self.config
+        h, w = image.shape[-2:]
+        if h != w:
+            raise ValueError(f"source_template expects square aligned faces, got {w}x{h}")
+        affine = estimate_similarity(
+            template_points(cfg.source_template, h), template_points(cfg.align, cfg.size)
+        )
+        return warp_affine(image, affine, (cfg.size, cfg.size))
 
     def _load_priors(self, stem: str) -> dict[str, torch.Tensor]:
         from ..models.checkpoint import read_checkpoint
