@@ -4,13 +4,27 @@ Importing this package wires the library to ComfyUI (model folders, progress, in
 builds the node mappings from each node module's ``NODES`` list.
 """
 
-from . import comfy_bridge, degradation_nodes, face_nodes, metric_nodes, utility_nodes
+from . import (
+    comfy_bridge,
+    degradation_nodes,
+    face_nodes,
+    hf_prior_nodes,
+    metric_nodes,
+    sam_nodes,
+    utility_nodes,
+)
 from .registry import build_mappings
 
 comfy_bridge.install()
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(
-    [*utility_nodes.NODES, *face_nodes.NODES, *degradation_nodes.NODES, *metric_nodes.NODES]
+    [
+        *utility_nodes.NODES,
+        *face_nodes.NODES,
+        *degradation_nodes.NODES,
+        *metric_nodes.NODES,
+        *hf_prior_nodes.NODES,
+    ]
 )
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

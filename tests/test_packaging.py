@@ -43,7 +43,8 @@ def test_requirements_txt_matches_runtime_dependencies():
     ]
     req = {_name(line) for line in lines}
     runtime = {_name(d) for d in PYPROJECT["project"]["dependencies"]}
-    runtime |= {_name(d) for d in PYPROJECT["project"]["optional-dependencies"]["faces"]}
+    for extra in ("faces", "priors"):
+        runtime |= {_name(d) for d in PYPROJECT["project"]["optional-dependencies"][extra]}
     assert req == runtime
     assert not req & {"torch", "torchvision", "torchaudio"}, "requirements.txt must not touch torch"
 
