@@ -24,6 +24,7 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(
         *degradation_nodes.NODES,
         *metric_nodes.NODES,
         *hf_prior_nodes.NODES,
+        *sam_nodes.NODES,
     ]
 )
 

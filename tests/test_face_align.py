@@ -272,7 +272,9 @@ def _dlib_faces(rgb: np.ndarray) -> list[DetectedFace]:
     for r in detector(rgb, 1):
         parts = np.array([[p.x, p.y] for p in predictor(rgb, r).parts()], dtype=np.float64)
         box = np.array([r.left(), r.top(), r.right(), r.bottom()], np.float32)
-        faces.append(DetectedFace(0, box, dlib_to_retinaface_points(parts[None])[0].astype(np.float32), 1.0, "dlib"))
+        faces.append(
+            DetectedFace(0, box, dlib_to_retinaface_points(parts[None])[0].astype(np.float32), 1.0, "dlib")
+        )
     return faces
 
 
