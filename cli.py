@@ -107,6 +107,12 @@ def cmd_faces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _utkface_labels(name: str):
+    from .training.datasets import parse_utkface_name
+
+    return parse_utkface_name(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``priorface`` command."""
     parser = argparse.ArgumentParser(prog="priorface", description=__doc__.splitlines()[0])
@@ -135,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     from .inference.metrics.evaluate_cli import add_evaluate_parser
+    from .inference.priors.batch_cli import add_priors_parser
 
     add_evaluate_parser(sub)
+    add_priors_parser(sub, labels_fn=_utkface_labels)
     return parser
 
 

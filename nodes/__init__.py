@@ -10,6 +10,7 @@ from . import (
     face_nodes,
     hf_prior_nodes,
     metric_nodes,
+    prior_nodes,
     sam_nodes,
     utility_nodes,
 )
@@ -23,6 +24,7 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(
         *face_nodes.NODES,
         *degradation_nodes.NODES,
         *metric_nodes.NODES,
+        *prior_nodes.NODES,
         *hf_prior_nodes.NODES,
         *sam_nodes.NODES,
     ]
