@@ -107,6 +107,64 @@ def cmd_faces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_photo(out_dir):
+    """scikit-image's astronaut photograph, written to the output folder (for a run with no photo)."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise FileNotFoundError(
+            "no photo given; pass a photo or folder (or install scikit-image for a demo photo)"
+        ) from None
+    from PIL import Image
+
+    path = out_dir / "astronaut.png"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Restore every face of photos with the embedded LLV-FSR weights (or a weights file)."""
+    from pathlib import Path
+
+    from .inference.images import load_image_file, save_image_file
+    from .inference.llvfsr_restore import EMBEDDED, embedded_weights, load_llvfsr_model, restore_photo
+
+    out = Path(args.output)
+    photos = _photos(args.source) if args.source else [_demo_photo(out)]
+    weights = embedded_weights(args.weights) if args.weights in EMBEDDED else Path(args.weights)
+    llvfsr = load_llvfsr_model(weights)
+    backend, model_path = _detector(args.detector)
+    for photo in photos:
+        image = load_image_file(photo).unsqueeze(0)
+        restored, _data, report = restore_photo(
+            llvfsr,
+            image,
+            upscale=args.upscale,
+            strength=args.strength,
+            backend=backend,
+            model_path=model_path,
+            color_correction=args.color_correction,
+        )
+        target = out / f"{photo.stem}_restored.png"
+        save_image_file(restored[0], target)
+        print(f"{photo.name} -> {target}: " + ("; ".join(report) if report else "no face found"))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train or resume a model from a JSON job file (see configs/)."""
+    import torch
+
+    from .training.run_config import run_job
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = run_job(args.config, args.out, resume=not args.restart, steps=args.steps)
+    print(f"finished at step {summary['step']} ({summary['seconds'] / 60:.1f} min): {summary['validation']}")
+    return 0
+
+
 def _utkface_labels(name: str):
     from .training.datasets import parse_utkface_name
 
@@ -123,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser(
+        "restore", help="restore every face of photos with LLV-FSR (embedded weights by default)"
+    )
+    p.add_argument("source", nargs="?", help="a photo or a folder (default: scikit-image's astronaut photo)")
+    p.add_argument(
+        "-o", "--output", default="outputs/restored", help="output folder (default: outputs/restored)"
+    )
+    p.add_argument(
+        "--weights", default="llvfsr-blind", help="llvfsr-blind, llvfsr-x8, or a .safetensors path"
+    )
+    p.add_argument(
+        "--detector", default="dlib", help="'dlib' (embedded) or a RetinaFace .pth / YuNet .onnx path"
+    )
+    p.add_argument("--upscale", type=float, default=2.0, help="upscale factor of the whole photo (default 2)")
+    p.add_argument("--strength", type=float, default=1.0, help="1 = restored faces, 0 = original faces")
+    p.add_argument("--color-correction", default="wavelet", choices=["none", "adain", "wavelet"])
+    p.set_defaults(func=cmd_restore)
+
     p = sub.add_parser("faces", help="detect, align and crop faces; preview; paste back (round trip)")
     p.add_argument("source", help="a photo or a folder of photos")
     p.add_argument("-o", "--output", default="outputs/faces", help="output folder (default: outputs/faces)")
@@ -133,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="side of the aligned crops (default 512)")
     p.add_argument("--upscale", type=float, default=1.0, help="upscale factor of the pasted photo")
     p.set_defaults(func=cmd_faces)
+
+    p = sub.add_parser("train", help="train or resume a model from a JSON job file (configs/)")
+    p.add_argument("config", help="job file, e.g. configs/llvfsr/x8.json")
+    p.add_argument("--out", help="run folder (default: the job's out_dir)")
+    p.add_argument("--steps", type=int, help="override the number of steps")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="convert a .pt/.pth/.ckpt of plain tensors to .safetensors")
     p.add_argument("source")

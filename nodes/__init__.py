@@ -9,6 +9,7 @@ from . import (
     degradation_nodes,
     face_nodes,
     hf_prior_nodes,
+    llvfsr_nodes,
     metric_nodes,
     prior_nodes,
     sam_nodes,
@@ -26,6 +27,7 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(
         *metric_nodes.NODES,
         *prior_nodes.NODES,
         *hf_prior_nodes.NODES,
+        *llvfsr_nodes.NODES,
         *sam_nodes.NODES,
     ]
 )

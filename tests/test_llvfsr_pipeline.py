@@ -1,0 +1,102 @@
+"""LLV-FSR training task, export with provenance, inference with priors, whole photos, nodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from priorface.inference.llvfsr_restore import load_llvfsr_model, restore_photo, upscale_faces
+from priorface.inference.priors.bundle import PriorBundle, PriorMismatchError
+from priorface.training.llvfsr_task import LLVFSRTask, LLVFSRTaskConfig
+from priorface.training.loop import TrainConfig, train
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
+TINY = {"width": 8, "depth": 1, "heads": 2, "window": 4, "upsampler_width": 8, "prior_dropout": 0.3}
+
+pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="shared face data not present")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llvfsr")
+    cfg = LLVFSRTaskConfig(
+        train_dirs=[str(SHARED / "train" / "utkface")],
+        val_dirs=[str(SHARED / "dev" / "pairs" / "hq")],
+        model=TINY,
+        max_train_items=16,
+    )
+    summary = train(
+        LLVFSRTask(cfg), TrainConfig(out_dir=str(out), steps=4, batch_size=4, val_every=4, ckpt_every=2)
+    )
+    return out, summary
+
+
+def test_training_writes_weights_samples_and_curves(trained):
+    out, summary = trained
+    assert summary["step"] == 4 and {"psnr", "psnr_bicubic", "psnr_gain"} <= set(summary["validation"])
+    assert (out / "latest.safetensors").is_file() and (out / "curves.png").is_file()
+    assert Image.open(out / "samples" / "step_000004.png").width > 4 * 128
+
+
+def test_export_records_the_priors_it_was_trained_with(trained):
+    llvfsr = load_llvfsr_model(trained[0] / "latest.safetensors")
+    assert llvfsr.trained_with["mask"]["extractor"] == "landmark-mask-v1"
+    assert llvfsr.trained_with["caption_embedding"]["extractor"].startswith("text-encoder:")
+    assert llvfsr.out_size == 128 and llvfsr.template == "utkface"
+
+
+def test_upscale_with_default_and_refused_priors(trained):
+    llvfsr = load_llvfsr_model(trained[0] / "latest.safetensors")
+    faces = torch.rand(2, 3, 40, 40)
+    assert upscale_faces(llvfsr, faces).shape == (2, 3, 128, 128)
+    alien = PriorBundle(batch_size=2).with_prior(
+        "mask", torch.zeros(2, 5, 128, 128), {"extractor": "sam:vit_b:sam_vit_b_01ec64"}
+    )
+    with pytest.raises(PriorMismatchError, match="landmark-mask-v1"):
+        upscale_faces(llvfsr, faces, alien)
+
+
+def _photo(name):
+    arr = np.asarray(Image.open(SHARED / "whole" / name).convert("RGB"), np.float32) / 255
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+def test_whole_photo_restores_small_faces_and_leaves_large_ones(trained):
+    llvfsr = load_llvfsr_model(trained[0] / "latest.safetensors")
+    group = _photo("gpen_Solvay_conference_1927.png")
+    out, data, report = restore_photo(llvfsr, group, upscale=2.0, max_faces=3)
+    assert out.shape[-2:] == (group.shape[-2] * 2, group.shape[-1] * 2)
+    assert len(report) == 3 and all(line.endswith("restored") for line in report)  # faces of ~18 px
+    image = _photo("gfpgan_Blake_Lively.jpg")
+    out, data, report = restore_photo(llvfsr, image, upscale=1.0)
+    assert out.shape == image.shape and len(report) == len(data.faces) == 2
+    big = max(range(2), key=lambda i: data.faces[i].face.size)
+    assert "left as is" in report[big]  # eye distance ~83 px, larger than the 128-px output's 50 px
+    x1, y1, x2, y2 = (int(v) for v in data.faces[big].face.box)
+    assert torch.equal(out[..., y1:y2, x1:x2], image[..., y1:y2, x1:x2])
+
+
+def test_nodes(comfy_env, check_outputs, trained):
+    folder = comfy_env.models_dir / "priorface" / "llvfsr"
+    folder.mkdir(parents=True)
+    (folder / "mine.safetensors").write_bytes((trained[0] / "latest.safetensors").read_bytes())
+    m = comfy_env.nodes.NODE_CLASS_MAPPINGS
+    loader = m["PriorFaceLLVFSRLoader"]
+    assert "mine.safetensors" in loader.INPUT_TYPES()["required"]["weights"][0]
+    (llvfsr,) = loader().load("mine.safetensors")
+    (faces,) = check_outputs(
+        m["PriorFaceLLVFSRUpscale"], m["PriorFaceLLVFSRUpscale"]().upscale(llvfsr, torch.rand(1, 16, 16, 3))
+    )
+    assert faces.shape == (1, 128, 128, 3)
+    node = m["PriorFaceLLVFSRRestorePhoto"]
+    image, report = check_outputs(
+        node,
+        node().restore(
+            llvfsr, torch.full((1, 64, 80, 3), 0.4), "dlib (embedded, no download)", 2.0, 1.0, "wavelet"
+        ),
+    )
+    assert image.shape == (1, 128, 160, 3) and report == "no face found"
