@@ -1,0 +1,104 @@
+"""Measure LLV-FSR weights on the dev faces against bicubic: PSNR/SSIM (RGB and Y) and identity distance.
+
+    python scripts/eval_llvfsr.py weights/llvfsr-x8.safetensors runs/llvfsr-x8-model1/latest.safetensors
+
+The dev faces (../shared/data/faces/dev/ffhq and dev/pairs/hq, FFHQ-aligned) are reframed to the
+template the weights were trained on, resized to their output size, and degraded as in training
+with a fixed seed; each model gets the embedded priors it was trained with (template landmarks,
+caption "a photo of a face"). Prints one row per method; --grid writes a comparison image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV = [ROOT.parent / "shared/data/faces/dev/ffhq", ROOT.parent / "shared/data/faces/dev/pairs/hq"]
+
+
+def dev_set(llvfsr, degradation: str, seed: int):
+    """(HQ, LQ at HR size) tensors of the dev faces, framed and degraded as the model expects."""
+    from priorface.training.datasets import FaceDataset, FaceDatasetConfig
+
+    ds = FaceDataset(
+        FaceDatasetConfig(
+            hq_dirs=[str(d) for d in DEV],
+            size=llvfsr.out_size,
+            degradation=degradation,
+            lq_size="input",
+            split="all",
+            align=llvfsr.template,
+            source_template="ffhq",
+            seed=seed,
+        )
+    )
+    items = [ds[i] for i in range(len(ds))]
+    return torch.stack([it["hq"] for it in items]), torch.stack([it["lq"] for it in items])
+
+
+def scores(name: str, out: torch.Tensor, hq: torch.Tensor) -> dict:
+    """Mean metrics of a method over the dev faces."""
+    from priorface.inference.metrics.identity import identity_distance
+    from priorface.inference.metrics.psnr_ssim import psnr, ssim
+
+    ids = [identity_distance(out[i], hq[i])[0] for i in range(out.shape[0])]
+    return {
+        "method": name,
+        "psnr": float(psnr(out, hq).mean()),
+        "ssim": float(ssim(out, hq).mean()),
+        "psnr_y": float(psnr(out, hq, y_channel=True).mean()),
+        "ssim_y": float(ssim(out, hq, y_channel=True).mean()),
+        "identity": sum(ids) / len(ids),
+    }
+
+
+def main(argv=None) -> int:
+    """Print the dev-set table for the given weights files."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("weights", nargs="+")
+    parser.add_argument("--degradation", help="default: the one the first weights were trained with")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--grid", help="write LR | bicubic | each model | HR for every dev face")
+    args = parser.parse_args(argv)
+
+    from priorface.inference.images import resize_bchw
+    from priorface.inference.llvfsr_restore import load_llvfsr_model, upscale_faces
+
+    models = [load_llvfsr_model(w) for w in args.weights]
+    degradation = args.degradation or models[0].task.get("degradation", "bicubic_x8")
+    hq, lq = dev_set(models[0], degradation, args.seed)
+    rows = [scores("bicubic", lq, hq)]
+    outputs = []
+    for path, m in zip(args.weights, models, strict=True):
+        out = upscale_faces(m, lq)
+        outputs.append(out)
+        rows.append(scores(f"{Path(path).parent.name}/{Path(path).name}", out, hq))
+    print(f"dev faces: {hq.shape[0]}, {hq.shape[-1]} px, degradation {degradation}, seed {args.seed}")
+    print(
+        f"{'method':48s} {'PSNR':>7s} {'gain':>6s} {'SSIM':>6s} {'PSNR-Y':>7s} {'SSIM-Y':>6s} {'ID dist':>7s}"
+    )
+    for r in rows:
+        gain = r["psnr"] - rows[0]["psnr"]
+        print(
+            f"{r['method'][:48]:48s} {r['psnr']:7.2f} {gain:+6.2f} {r['ssim']:6.4f} {r['psnr_y']:7.2f} "
+            f"{r['ssim_y']:6.4f} {r['identity']:7.4f}"
+        )
+    if args.grid:
+        from priorface.inference.metrics.grid import make_grid
+
+        size = hq.shape[-1]
+        lr = resize_bchw(lq, size // 8, size // 8)
+        lr = torch.nn.functional.interpolate(lr, size=(size, size), mode="nearest")
+        grid = [[lr[i], lq[i], *[o[i] for o in outputs], hq[i]] for i in range(hq.shape[0])]
+        labels = ["LR | bicubic | " + " | ".join(Path(w).parent.name for w in args.weights) + " | HR"]
+        make_grid(grid, labels + [""] * (len(grid) - 1)).save(args.grid)
+        print(f"grid -> {args.grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
