@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
 # LoadImage returns this many pixels per side as an all-zero mask when the file has no alpha.
 _PLACEHOLDER_MASK_SIDE = 64
 
@@ -155,3 +157,18 @@ def save_image_file(chw: torch.Tensor, path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def list_images(folders) -> list:
+    """(path, relative name) of every image below the folders, sorted by relative name."""
+    from pathlib import Path
+
+    found = []
+    for folder in [folders] if isinstance(folders, (str, Path)) else folders:
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}")
+        for p in root.rglob("*"):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                found.append((p, p.relative_to(root).as_posix()))
+    return sorted(found, key=lambda pr: pr[1])

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 from ..inference.degradations import MODES, degrade
+from ..inference.images import IMAGE_SUFFIXES, list_images, resize_bchw, save_image_file  # noqa: F401
 from ..inference.images import load_image_file as load_image
-from ..inference.images import resize_bchw, save_image_file
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SPLITS = ("train", "val", "all")
 _UTKFACE_NAME = re.compile(r"^(\d+)_([01])_([0-4])_")
 _UTK_GENDER = ("male", "female")
@@ -76,19 +75,6 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     """Seed of the LQ synthesis of one item in one epoch (independent of worker and batch)."""
     digest = hashlib.sha1(f"{seed}:{epoch}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
-
-
-def list_images(folders: list[str | Path]) -> list[tuple[Path, str]]:
-    """(path, relative name) of every image below the folders, sorted by relative name."""
-    found = []
-    for folder in folders:
-        root = Path(folder).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
-        for p in root.rglob("*"):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                found.append((p, p.relative_to(root).as_posix()))
-    return sorted(found, key=lambda pr: pr[1])
 
 
 class FaceDataset(torch.utils.data.Dataset):

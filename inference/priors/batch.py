@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ...models.checkpoint import write_atomically
-from ..images import load_image_file, resize_bchw
+from ..images import IMAGE_SUFFIXES, list_images, load_image_file, resize_bchw
 from ..progress import progress_bar
 from .bundle import PriorBundle
 from .bundle_io import merge_bundles, present_in_file, read_prior_header, write_prior_file
@@ -37,7 +37,6 @@ from .text_encoder import encoder_identity
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "priors_index.json"
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _EMBEDDINGS = ("caption_embedding", "description_embedding")
 
 
@@ -68,13 +67,6 @@ def extractor_names() -> list[str]:
 def file_seed(seed: int, relative_name: str) -> int:
     """Degradation seed of one file: depends on the run's seed and the file's relative name only."""
     return int.from_bytes(hashlib.sha1(f"{seed}:{relative_name}".encode()).digest()[:4], "big")
-
-
-def _list_images(folder: Path) -> list[tuple[Path, str]]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    found = [p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()]
-    return sorted(((p, p.relative_to(folder).as_posix()) for p in found), key=lambda pr: pr[1])
 
 
 def _expected_ids(extractors: Sequence[str], text_encoder) -> dict[str, str | None]:
@@ -164,9 +156,9 @@ def extract_priors_for_folder(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     src, out = Path(source_dir).expanduser(), Path(out_dir).expanduser()
-    files = _list_images(src)
+    files = list_images(src)
     if not files:
-        raise ValueError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) found in {src}")
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {src}")
     run = {
         "degradation": degradation,
         "seed": int(seed) if degradation else None,
