@@ -215,7 +215,8 @@ def train(task: TrainTask, cfg: TrainConfig, resume: bool = True) -> dict[str, A
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if ema is not None:
-                        _ema_update(ema, model, cfg.ema_decay)
+                        # Warm-up: early on the average would be dominated by the random init.
+                        _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
                     counters["step"] = step + 1
                     counters["seconds"] = seconds_before + time.time() - start
                     if counters["step"] % cfg.log_every == 0:
