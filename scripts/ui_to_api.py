@@ -25,11 +25,13 @@ BUILTIN_WIDGETS = {
     "LoadImage": (["image", "upload"], ["IMAGE", "MASK"]),
     "SaveImage": (["filename_prefix"], []),
     "PreviewImage": ([], []),
+    "PreviewAny": ([], []),
 }
 BUILTIN_INPUTS = {
     "SaveImage": {"images": "IMAGE"},
     "PreviewImage": {"images": "IMAGE"},
     "LoadImage": {},
+    "PreviewAny": {"source": "*"},
 }
 
 

@@ -150,26 +150,19 @@ FFHQ_FACE = REPO_ROOT.parent / "shared" / "data" / "faces" / "dev" / "ffhq" / "0
 
 
 @pytest.mark.skipif(not FFHQ_FACE.is_file(), reason="shared FFHQ face not present")
-def test_shipped_face_workflow_runs(server):
-    """The API twin of workflows/face_crop_and_paste.json runs as shipped on a real face."""
+@pytest.mark.parametrize("name", ["face_crop_and_paste", "priors_preview", "llvfsr_restore_photo"])
+def test_shipped_workflow_runs(server, name):
+    """The API twin of a shipped workflow runs as shipped on a real face."""
     import shutil
 
+    if name.startswith("llvfsr") and not (REPO_ROOT / "weights" / "llvfsr-x8.safetensors").is_file():
+        pytest.skip("embedded LLV-FSR weights not present")
     url, base, _log = server
     shutil.copy(FFHQ_FACE, base / "input" / "example.png")
-    graph = json.loads((REPO_ROOT / "workflows" / "api" / "face_crop_and_paste.json").read_text())
+    graph = json.loads((REPO_ROOT / "workflows" / "api" / f"{name}.json").read_text())
     result = _run(url, graph, timeout=300)
     assert result["status"]["status_str"] == "success", result["status"]
-    from PIL import Image
-
-    saved = next(
-        iter(
-            o["images"][0]
-            for o in result["outputs"].values()
-            if o.get("images") and o["images"][0]["type"] == "output"
-        )
-    )
-    pasted = Image.open(base / "output" / saved["subfolder"] / saved["filename"])
-    assert pasted.size == Image.open(FFHQ_FACE).size
+    assert result["outputs"], "the workflow produced no outputs"
 
 
 def test_workflows_are_listed_as_templates(server):
