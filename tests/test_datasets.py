@@ -137,7 +137,9 @@ def test_reframing_from_a_known_template_puts_eyes_on_the_template():
     from priorface.inference.face_align import template_points
     from priorface.inference.face_detection import detect_faces
 
-    common = dict(hq_dirs=[str(FFHQ)], size=128, degradation="bicubic_x4", split="all", align="utkface", max_items=3)
+    common = dict(
+        hq_dirs=[str(FFHQ)], size=128, degradation="bicubic_x4", split="all", align="utkface", max_items=3
+    )
     reframed = FaceDataset(FaceDatasetConfig(**common, source_template="ffhq"))
     eyes = template_points("utkface", 128)[:2]
     for i in range(3):
