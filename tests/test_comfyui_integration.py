@@ -171,3 +171,22 @@ def test_workflows_are_listed_as_templates(server):
     assert "face_crop_and_paste" in templates.get("PriorFace", []), templates
     served = _get(url + "/api/workflow_templates/PriorFace/face_crop_and_paste.json")
     assert any(n["type"] == "PriorFaceDetectFaces" for n in served["nodes"])
+
+
+def test_full_prior_workflow_only_lacks_its_model_files(server):
+    """Validated by the real server: the only complaints are the model files a user must add."""
+    import urllib.error
+
+    url, base, _log = server
+    (base / "input" / "example.png").write_bytes((base / "input" / "rgba.png").read_bytes())
+    graph = json.loads((REPO_ROOT / "workflows" / "api" / "priors_preview_full.json").read_text())
+    with pytest.raises(urllib.error.HTTPError) as err:
+        _post(url + "/prompt", {"prompt": graph, "client_id": "priorface-test"})
+    body = json.loads(err.value.read())
+    problems = {
+        (node["class_type"], e["extra_info"]["input_name"], e["type"])
+        for node in body["node_errors"].values()
+        for e in node["errors"]
+    }
+    assert problems and all(kind == "value_not_in_list" for _c, _i, kind in problems), problems
+    assert {name for _c, name, _k in problems} <= {"model_name", "sam_name"}, problems
