@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 
@@ -160,6 +161,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    def _stop(signum, _frame):
+        # SIGTERM (a scheduler, `kill`) ends the run like Ctrl-C: checkpoint first, then exit.
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _stop)
     summary = run_job(args.config, args.out, resume=not args.restart, steps=args.steps)
     print(f"finished at step {summary['step']} ({summary['seconds'] / 60:.1f} min): {summary['validation']}")
     return 0
