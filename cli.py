@@ -231,9 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--architecture", default="unknown", help="architecture name stored in the metadata")
     p.set_defaults(func=cmd_convert)
 
+    from .client.batch_cli import add_batch_parser
     from .inference.metrics.evaluate_cli import add_evaluate_parser
     from .inference.priors.batch_cli import add_priors_parser
 
+    add_batch_parser(sub)
     add_evaluate_parser(sub)
     add_priors_parser(sub, labels_fn=_utkface_labels)
     return parser
