@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install --quiet -e ".[dev,faces,priors,batch,demo]"
+python -m pip install --quiet -e ".[dev,faces,priors,diffusion,batch,demo]"
 python -m ruff check .
 python -m pytest "$@"
