@@ -2,7 +2,7 @@
 
     python scripts/eval_llvfsr.py weights/llvfsr-x8.safetensors runs/llvfsr-x8-model1/latest.safetensors
 
-The dev faces (../shared/data/faces/dev/ffhq and dev/pairs/hq, FFHQ-aligned) are reframed to the
+The dev faces (../shared/data/faces/dev/ffhq, FFHQ-aligned) are reframed to the
 template the weights were trained on, resized to their output size, and degraded as in training
 with a fixed seed; each model gets the embedded priors it was trained with (template landmarks,
 caption "a photo of a face"). Prints one row per method; --grid writes a comparison image.
@@ -17,19 +17,27 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DEV = [ROOT.parent / "shared/data/faces/dev/ffhq", ROOT.parent / "shared/data/faces/dev/pairs/hq"]
+# dev/pairs/hq holds FFHQ 00000-00003 again (same images as dev/ffhq), so only dev/ffhq is used.
+DEV = [ROOT.parent / "shared/data/faces/dev/ffhq"]
 
 
 def dev_set(llvfsr, degradation: str, seed: int):
-    """(HQ, LQ at HR size) tensors of the dev faces, framed and degraded as the model expects."""
+    """(HQ, model input, bicubic baseline) of the dev faces, framed and degraded as in training.
+
+    Bicubic degradations give the true LR (MATLAB bicubic downsampling) as the model input and its
+    MATLAB bicubic upsampling as the baseline, the usual SR convention; blind degradation gives the
+    degraded face at HR size for both (the model resizes it to its input size).
+    """
+    from priorface.inference.degradations.matlab_resize import imresize
     from priorface.training.datasets import FaceDataset, FaceDatasetConfig
 
+    bicubic = degradation.startswith("bicubic")
     ds = FaceDataset(
         FaceDatasetConfig(
             hq_dirs=[str(d) for d in DEV],
             size=llvfsr.out_size,
             degradation=degradation,
-            lq_size="input",
+            lq_size="lr" if bicubic else "input",
             split="all",
             align=llvfsr.template,
             source_template="ffhq",
@@ -37,7 +45,9 @@ def dev_set(llvfsr, degradation: str, seed: int):
         )
     )
     items = [ds[i] for i in range(len(ds))]
-    return torch.stack([it["hq"] for it in items]), torch.stack([it["lq"] for it in items])
+    hq, lq = torch.stack([it["hq"] for it in items]), torch.stack([it["lq"] for it in items])
+    baseline = imresize(lq, hq.shape[-1] / lq.shape[-1]).clamp(0, 1) if bicubic else lq
+    return hq, lq, baseline
 
 
 def scores(name: str, out: torch.Tensor, hq: torch.Tensor) -> dict:
@@ -65,13 +75,12 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", help="write LR | bicubic | each model | HR for every dev face")
     args = parser.parse_args(argv)
 
-    from priorface.inference.images import resize_bchw
     from priorface.inference.llvfsr_restore import load_llvfsr_model, upscale_faces
 
     models = [load_llvfsr_model(w) for w in args.weights]
     degradation = args.degradation or models[0].task.get("degradation", "bicubic_x8")
-    hq, lq = dev_set(models[0], degradation, args.seed)
-    rows = [scores("bicubic", lq, hq)]
+    hq, lq, baseline = dev_set(models[0], degradation, args.seed)
+    rows = [scores("bicubic", baseline, hq)]
     outputs = []
     for path, m in zip(args.weights, models, strict=True):
         out = upscale_faces(m, lq)
@@ -91,9 +100,8 @@ def main(argv=None) -> int:
         from priorface.inference.metrics.grid import make_grid
 
         size = hq.shape[-1]
-        lr = resize_bchw(lq, size // 8, size // 8)
-        lr = torch.nn.functional.interpolate(lr, size=(size, size), mode="nearest")
-        grid = [[lr[i], lq[i], *[o[i] for o in outputs], hq[i]] for i in range(hq.shape[0])]
+        lr = torch.nn.functional.interpolate(lq, size=(size, size), mode="nearest")
+        grid = [[lr[i], baseline[i], *[o[i] for o in outputs], hq[i]] for i in range(hq.shape[0])]
         labels = ["LR | bicubic | " + " | ".join(Path(w).parent.name for w in args.weights) + " | HR"]
         make_grid(grid, labels + [""] * (len(grid) - 1)).save(args.grid)
         print(f"grid -> {args.grid}")
