@@ -1,9 +1,12 @@
 """LLV-FSR inference: embedded weights, priors for aligned faces, and whole-photo restoration.
 
-Rule for whole photos ("a face never comes out worse than it went in"): LLV-FSR produces faces of
-a fixed size (128 px for the embedded weights). A face whose size in the output photo is larger
-than that would be *down*-sampled by going through the model, so it is left as it is (and
-reported); smaller faces are restored and blended with ``strength`` (1 = model output only).
+Rule for whole photos ("a face never comes out worse than it went in"): the network sees each face
+at its input resolution (16 px for llvfsr-x8, 32 px for llvfsr-blind, UTKFace framing). A face
+that is larger in the photo than that would lose detail on its way into the network, so it is
+left exactly as it is (not even re-pasted) and reported; a face at most 25% larger than the input
+resolution (inter-ocular distance) is restored, pasted into the (optionally upscaled) photo and
+blended with ``strength`` (1 = model output only). Such models are for small, low-resolution
+faces: group photos, thumbnails, distant faces.
 """
 
 from __future__ import annotations
@@ -175,12 +178,14 @@ def restore_photo(
     crops, data = crop_faces(photos, backend, model_path, llvfsr.template, size, **detect_options)
     if not data.faces:
         return paste_back(photos, crops, data, upscale=upscale), data, []
-    # A face whose crop would be downscaled (source scale > 1 after the photo's upscale) is kept as is.
-    template_iod = float(np.linalg.norm(np.subtract(*template_points(llvfsr.template, size)[:2])))
-    todo = [i for i, af in enumerate(data.faces) if af.face.size * upscale <= template_iod * 1.05]
+    # The network's view of a face: its input crop, whose eye distance is the template's at that size.
+    mc = llvfsr.model.config
+    input_side = size // mc.scale if mc.upsample == "pixelshuffle" else size
+    input_iod = float(np.linalg.norm(np.subtract(*template_points(llvfsr.template, input_side)[:2])))
+    todo = [i for i, af in enumerate(data.faces) if af.face.size <= input_iod * 1.25]
     report = [
         f"face {i} (photo {af.face.image_index}, eye distance {af.face.size:.0f} px): "
-        + ("restored" if i in todo else "left as is (already larger than the model's output)")
+        + ("restored" if i in todo else f"left as is (sharper than the model's {input_iod:.0f}-px input)")
         for i, af in enumerate(data.faces)
     ]
     # Faces left alone are not pasted at all: pasting their 128-px crop would blur them.

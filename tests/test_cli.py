@@ -48,3 +48,18 @@ def test_faces_writes_crops_previews_and_round_trip(tmp_path):
     assert Image.open(out / "00003_face00.png").size == (512, 512)
     assert Image.open(out / "00003_pasted.png").size == (1024, 1024)
     assert (out / "00003_detections.png").is_file()
+
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "llvfsr-x8.safetensors"
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="embedded weights not present")
+def test_restore_demo_photo_with_embedded_weights(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    assert main(["restore", "--weights", "llvfsr-x8", "-o", str(tmp_path)]) == 0
+    assert "restored" in capsys.readouterr().out
+    from PIL import Image
+
+    restored = Image.open(tmp_path / "astronaut_small_restored.png")
+    bicubic = Image.open(tmp_path / "astronaut_small_bicubic.png")
+    assert restored.size == bicubic.size == (510, 510)
