@@ -8,13 +8,14 @@ from ..inference.face_align import TEMPLATES
 from ..inference.images import bchw_to_image, image_to_bchw
 from ..inference.priors.sam_loading import load_sam
 from ..inference.priors.sam_mask import (
+    MASK_LABELS,
     MODES,
     SELECTIONS,
     face_region,
-    overlay_labels,
     sam_face_masks,
     with_sam_mask,
 )
+from ..inference.priors.visualize import mask_overlay
 from . import comfy_bridge
 
 SAM_TYPE = "PRIORFACE_SAM"
@@ -184,7 +185,7 @@ class SAMFaceMaskNode:
         )
         bundle = with_sam_mask(priors, sam, result)
         region = face_region(result.one_hot).to(torch.float32)
-        return (bundle, region, bchw_to_image(overlay_labels(faces, result.one_hot)))
+        return (bundle, region, bchw_to_image(mask_overlay(faces, result.one_hot, MASK_LABELS)))
 
 
 NODES = [SAMLoaderNode, SAMFaceMaskNode]

@@ -84,15 +84,6 @@ _SMALL_PARTS = ("left_eye", "right_eye", "left_brow", "right_brow", "nose", "mou
 _ZONE_SCALE = {"eye": 1.3, "brow": 1.2, "nose": 1.2, "mouth": 1.25}
 _AREA_FACTOR = {"eyes": 1.0, "brows": 1.0, "nose": 1.0, "mouth": 1.0, "skin": 1.5, "hair": 3.0}
 MIN_INSIDE = 0.6
-# Overlay colours (RGB 0..1) per class; background is left untinted.
-PALETTE = {
-    "skin": (1.0, 0.8, 0.6),
-    "brows": (0.55, 0.3, 0.1),
-    "eyes": (0.1, 0.45, 1.0),
-    "nose": (0.1, 0.9, 0.3),
-    "mouth": (1.0, 0.1, 0.25),
-    "hair": (0.7, 0.25, 0.95),
-}
 
 
 @dataclass
@@ -478,15 +469,3 @@ def face_region(one_hot: torch.Tensor) -> torch.Tensor:
     """Face region ``[B,H,W]`` in {0,1}: skin and facial parts (hair and background excluded)."""
     idx = [MASK_LABELS.index(c) for c in FACE_CLASSES]
     return one_hot[:, idx].sum(1).clamp(0, 1)
-
-
-def overlay_labels(images_bchw: torch.Tensor, one_hot: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """Images ``[B,3,H,W]`` with each class tinted in its PALETTE colour (background untouched)."""
-    colours = torch.zeros(len(MASK_LABELS), 3)
-    weight = torch.zeros(len(MASK_LABELS))
-    for name, rgb in PALETTE.items():
-        colours[MASK_LABELS.index(name)] = torch.tensor(rgb)
-        weight[MASK_LABELS.index(name)] = alpha
-    tint = torch.einsum("bkhw,kc->bchw", one_hot, colours)
-    a = torch.einsum("bkhw,k->bhw", one_hot, weight).unsqueeze(1)
-    return (images_bchw * (1 - a) + tint * a).clamp(0, 1)
