@@ -20,9 +20,9 @@ from .stylegan2_ops import (
     ConstantInput,
     EqualLinear,
     PixelNorm,
+    ResolutionLadder,
     StyledConv,
     ToRGB,
-    channel_table,
     randn_like_shape,
 )
 
@@ -30,7 +30,7 @@ ARCHITECTURE = "stylegan2_generator"
 
 
 @dataclass(frozen=True)
-class StyleGAN2Config:
+class StyleGAN2Config(ResolutionLadder):
     """Generator hyperparameters (config-f at 1024 by default)."""
 
     size: int = 1024
@@ -47,21 +47,6 @@ class StyleGAN2Config:
         for name in ("style_dim", "n_mlp", "channel_multiplier", "channel_divisor"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"StyleGAN2Config.{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def channels(self) -> dict[int, int]:
-        """Feature channels per resolution."""
-        return channel_table(self.channel_multiplier, self.channel_divisor)
-
-    @property
-    def log_size(self) -> int:
-        """log2 of the output size."""
-        return int(math.log2(self.size))
-
-    @property
-    def n_latent(self) -> int:
-        """Number of W+ layers (18 at 1024)."""
-        return self.log_size * 2 - 2
 
     @property
     def num_layers(self) -> int:

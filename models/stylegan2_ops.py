@@ -320,3 +320,22 @@ class ConvLayer(nn.Sequential):
         if activate:
             layers.append(FusedLeakyReLU(out_ch, bias=bias))
         super().__init__(*layers)
+
+
+class ResolutionLadder:
+    """Mixin for configs with ``size``, ``channel_multiplier`` and ``channel_divisor`` fields."""
+
+    @property
+    def channels(self) -> dict[int, int]:
+        """Feature channels per resolution."""
+        return channel_table(self.channel_multiplier, self.channel_divisor)
+
+    @property
+    def log_size(self) -> int:
+        """log2 of the image size."""
+        return int(math.log2(self.size))
+
+    @property
+    def n_latent(self) -> int:
+        """Number of per-layer latents (18 at 1024, 16 at 512)."""
+        return self.log_size * 2 - 2

@@ -44,9 +44,9 @@ from .stylegan2_ops import (
     ModulatedConv2d,
     NoiseInjection,
     PixelNorm,
+    ResolutionLadder,
     StyledConv,
     ToRGB,
-    channel_table,
     randn_like_shape,
 )
 
@@ -55,7 +55,7 @@ DILATIONS = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
-class RestorationConfig:
+class RestorationConfig(ResolutionLadder):
     """Restoration network hyperparameters; defaults are the released model's."""
 
     size: int = 512
@@ -72,21 +72,6 @@ class RestorationConfig:
         bad = [r for r, c in self.channels.items() if r <= self.size and c % len(DILATIONS)]
         if bad:
             raise ValueError(f"channels at resolutions {bad} are not divisible by {len(DILATIONS)}")
-
-    @property
-    def channels(self) -> dict[int, int]:
-        """Feature channels per resolution."""
-        return channel_table(self.channel_multiplier, self.channel_divisor)
-
-    @property
-    def log_size(self) -> int:
-        """log2 of the image size."""
-        return int(math.log2(self.size))
-
-    @property
-    def n_latent(self) -> int:
-        """Per-layer latents (16 at 512)."""
-        return self.log_size * 2 - 2
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
