@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     parser.add_argument("folder")
     parser.add_argument("output")
     parser.add_argument("--detector", default="dlib")
-    parser.add_argument("--upsample", type=int, default=1, help="dlib HOG upsampling (1 finds faces from ~40 px)")
+    parser.add_argument(
+        "--upsample", type=int, default=1, help="dlib HOG upsampling (1 finds faces from ~40 px)"
+    )
     args = parser.parse_args(argv)
 
     from priorface.inference.face_detection import detect_faces
@@ -37,7 +39,9 @@ def main(argv=None) -> int:
     files = [(p, rel) for p, rel in list_images([args.folder]) if rel not in done]
     with progress_bar(len(files), "Landmarks") as bar:
         for n, (path, rel) in enumerate(files):
-            faces = detect_faces(load_image_file(path).unsqueeze(0), args.detector, max_faces=1, upsample=args.upsample)
+            faces = detect_faces(
+                load_image_file(path).unsqueeze(0), args.detector, max_faces=1, upsample=args.upsample
+            )
             done[rel] = faces[0].landmarks.round(2).tolist() if faces else None
             if n % 500 == 499:
                 write_atomically(out, lambda tmp: tmp.write_text(json.dumps(done)))
