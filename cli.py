@@ -56,7 +56,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _photos(source: str) -> list:
     from pathlib import Path
 
-    from .training.datasets import IMAGE_SUFFIXES
+    from .inference.images import IMAGE_SUFFIXES
 
     src = Path(source)
     if src.is_file():

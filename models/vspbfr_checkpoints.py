@@ -76,14 +76,21 @@ def _channel_args(sd, size: int, ch4: int, what: str) -> dict[str, int]:
     return {"channel_divisor": divisor, "channel_multiplier": multiplier}
 
 
+def _ladder_args(sd: Mapping[str, torch.Tensor], ch4: int, what: str) -> dict:
+    """Size, mapping network and channel table shared by the StyleGAN2 and restoration layouts."""
+    size = 2 ** (_count(sd, r"to_rgbs\.(\d+)\.bias") + 2)
+    return {
+        "size": size,
+        "style_dim": _need(sd, "style.1.weight", what).shape[1],
+        "n_mlp": _count(sd, r"style\.(\d+)\.weight"),
+        **_channel_args(sd, size, ch4, what),
+    }
+
+
 def infer_stylegan2_config(sd: Mapping[str, torch.Tensor]) -> StyleGAN2Config:
     """Generator config from a rosinality-layout state dict."""
     what = "StyleGAN2 generator"
-    size = 2 ** (_count(sd, r"to_rgbs\.(\d+)\.bias") + 2)
-    ch4 = _need(sd, "conv1.conv.weight", what).shape[1]
-    style_dim = _need(sd, "style.1.weight", what).shape[1]
-    n_mlp = _count(sd, r"style\.(\d+)\.weight")
-    return StyleGAN2Config(size, style_dim, n_mlp, **_channel_args(sd, size, ch4, what))
+    return StyleGAN2Config(**_ladder_args(sd, _need(sd, "conv1.conv.weight", what).shape[1], what))
 
 
 def infer_e4e_config(sd: Mapping[str, torch.Tensor]) -> E4EConfig:
@@ -118,11 +125,7 @@ def infer_code_diffuser_config(sd: Mapping[str, torch.Tensor]) -> CodeDiffuserCo
 def infer_restoration_config(sd: Mapping[str, torch.Tensor]) -> RestorationConfig:
     """Restoration network config from a ``g_ema`` state dict."""
     what = "restoration network"
-    size = 2 ** (_count(sd, r"to_rgbs\.(\d+)\.bias") + 2)
-    ch4 = _need(sd, "conv1.fusion.0.weight", what).shape[0]
-    style_dim = _need(sd, "style.1.weight", what).shape[1]
-    n_mlp = _count(sd, r"style\.(\d+)\.weight")
-    return RestorationConfig(size, style_dim, n_mlp, **_channel_args(sd, size, ch4, what))
+    return RestorationConfig(**_ladder_args(sd, _need(sd, "conv1.fusion.0.weight", what).shape[0], what))
 
 
 # ---------------------------------------------------------------- official files

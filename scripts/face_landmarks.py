@@ -29,10 +29,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from priorface.inference.face_detection import detect_faces
-    from priorface.inference.images import load_image_file
+    from priorface.inference.images import list_images, load_image_file
     from priorface.inference.progress import progress_bar
     from priorface.models.checkpoint import write_atomically
-    from priorface.training.datasets import list_images
 
     out = Path(args.output)
     done = json.loads(out.read_text()) if out.is_file() else {}

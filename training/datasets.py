@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..inference.degradations import MODES, degrade
-from ..inference.images import IMAGE_SUFFIXES, list_images, resize_bchw, save_image_file  # noqa: F401
+from ..inference.images import list_images, resize_bchw, save_image_file
 from ..inference.images import load_image_file as load_image
 
 log = logging.getLogger(__name__)
