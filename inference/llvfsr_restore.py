@@ -123,7 +123,6 @@ def upscale_faces(
     batch_size: int = 8,
 ) -> torch.Tensor:
     """Super-resolve aligned faces (BCHW 0..1, any square size) to the model's output size."""
-    from .progress import progress_bar
 
     mc = llvfsr.model.config
     size = llvfsr.out_size
@@ -137,12 +136,19 @@ def upscale_faces(
     device = next(llvfsr.model.parameters()).device
     lr = resize_bchw(faces.float(), side, side)
     kwargs = _forward_kwargs(llvfsr, priors, device)
+    return run_batched(llvfsr.model, lr.to(device), kwargs, batch_size).cpu()
+
+
+def run_batched(model: torch.nn.Module, lr: torch.Tensor, kwargs: dict, batch_size: int = 8) -> torch.Tensor:
+    """Model output clamped to [0, 1] for ``lr`` and its forward kwargs, ``batch_size`` faces at a time."""
+    from .progress import progress_bar
+
     outs = []
-    with progress_bar(faces.shape[0], "LLV-FSR") as bar, torch.no_grad():
-        for s in range(0, faces.shape[0], batch_size):
-            idx = list(range(s, min(s + batch_size, faces.shape[0])))
+    with progress_bar(lr.shape[0], "LLV-FSR") as bar, torch.no_grad():
+        for s in range(0, lr.shape[0], batch_size):
+            idx = list(range(s, min(s + batch_size, lr.shape[0])))
             part = {k: (v.select(idx) if isinstance(v, TextEmbedding) else v[idx]) for k, v in kwargs.items()}
-            outs.append(llvfsr.model(lr[idx].to(device), **part).clamp(0, 1).cpu())
+            outs.append(model(lr[idx], **part).clamp(0, 1))
             bar.update(len(idx))
     return torch.cat(outs)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..inference.face_align import template_points
 from ..inference.images import resize_bchw
+from ..inference.llvfsr_restore import run_batched
 from ..models.llvfsr import build_llvfsr, save_llvfsr
 from .datasets import FaceDataset, FaceDatasetConfig
 from .loop import TrainTask
@@ -195,17 +196,6 @@ class LLVFSRTask(TrainTask):
             self._val = self.collate(items, torch.device("cpu"))
         return self._val
 
-    def restore(self, model, lq: torch.Tensor, priors: dict) -> torch.Tensor:
-        """Model output clamped to [0, 1], in batches small enough for CPU memory."""
-        outs = []
-        for s in range(0, lq.shape[0], 8):
-            part = {
-                k: (v[s : s + 8] if torch.is_tensor(v) else v.select(list(range(s, min(s + 8, lq.shape[0])))))
-                for k, v in priors.items()
-            }
-            outs.append(model(lq[s : s + 8], **part).clamp(0, 1))
-        return torch.cat(outs)
-
     def validate(self, model, step, out_dir: Path) -> dict[str, float]:
         from ..inference.metrics.psnr_ssim import psnr, ssim
 
@@ -214,7 +204,7 @@ class LLVFSRTask(TrainTask):
             return {}
         device = next(model.parameters()).device
         priors = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in val["priors"].items()}
-        out = self.restore(model, val["lq"].to(device), priors).cpu()
+        out = run_batched(model, val["lq"].to(device), priors).cpu()
         hq = val["hq"]
         bicubic = resize_bchw(val["lq"], hq.shape[-2], hq.shape[-1])
         metrics = {
