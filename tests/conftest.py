@@ -13,6 +13,9 @@ import torch
 FAKE_COMFY = Path(__file__).parent / "fake_comfy"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
+# Test helper modules (tests/tiny_sd.py) import by name: tests/ has no __init__ (importlib mode).
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture

@@ -120,3 +120,63 @@ def test_learning_rate_schedules():
 def test_batch_larger_than_data_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="batch size"):
         train(_Task(), _cfg(tmp_path, batch_size=100))
+
+
+class _GanTask(_Task):
+    """A generator with a frozen input layer and a critic trained alternately (aux network)."""
+
+    name = "toy-gan"
+
+    def build_model(self):
+        model = super().build_model()
+        model[0].requires_grad_(False)  # frozen part: must never change nor enter the optimizer
+        return model
+
+    def build_aux(self):
+        torch.manual_seed(5)
+        self.critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
+        return self.critic
+
+    def training_loss(self, model, batch, step):
+        loss, logs = super().training_loss(model, batch, step)
+        adv = torch.nn.functional.softplus(-self.critic(model(batch["noisy"]))).mean()
+        return loss + 0.1 * adv, {**logs, "adv": adv.item()}
+
+    def aux_loss(self, model, batch, step):
+        if step % 2:  # lazy schedule: the loop must accept "no update this step"
+            return None, {}
+        fake = model(batch["noisy"]).detach()
+        d = torch.nn.functional.softplus(self.critic(fake)) + torch.nn.functional.softplus(
+            -self.critic(batch["clean"])
+        )
+        return d.mean(), {"d_loss": d.mean().item()}
+
+
+def test_aux_network_trains_alternately_and_resumes_exactly(tmp_path):
+    cfg = dict(optimizer="adamw", weight_decay=0.01, ema_decay=None)
+    train(_GanTask(), _cfg(tmp_path / "full", **cfg))
+    with pytest.raises(progress.InterruptedByUser):
+        train(_GanTask(stop_at=7), _cfg(tmp_path / "split", **cfg))
+    train(_GanTask(), _cfg(tmp_path / "split", **cfg))
+    full = read_checkpoint(tmp_path / "full" / "train_state.safetensors").content
+    split = read_checkpoint(tmp_path / "split" / "train_state.safetensors").content
+    assert set(full) == set(split) and any(k.startswith("aux_optim.") for k in full)
+    assert all(torch.equal(full[k], split[k]) for k in full if not k.startswith("rng."))
+    torch.manual_seed(5)
+    critic0 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
+    assert not torch.equal(full["aux.1.weight"], critic0[1].weight), "the critic never trained"
+    torch.manual_seed(0)  # the loop seeds with cfg.seed before building the model
+    frozen = _GanTask().build_model()[0].weight
+    assert torch.equal(full["model.0.weight"], frozen), "a frozen parameter changed"
+    with open(tmp_path / "full" / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("d_loss") for r in rows) and any(r.get("adv") for r in rows)
+    optimized = {k.split(".")[1] for k in full if k.startswith("optim.")}
+    assert optimized == {"0", "1"}, "only the last conv's weight and bias may be optimized"
+
+
+def test_unknown_optimizer_and_precision_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="optimizer"):
+        train(_Task(), _cfg(tmp_path / "a", optimizer="sgd"))
+    with pytest.raises(ValueError, match="precision"):
+        train(_Task(), _cfg(tmp_path / "b", precision="fp8"))

@@ -54,13 +54,42 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time
     device: str = "auto"
+    optimizer: str = "adam"  # "adam" or "adamw" (decoupled weight decay)
+    precision: str = "fp32"  # "fp32", "fp16" or "bf16"; half precision only autocasts on CUDA
     extra: dict = field(default_factory=dict)
 
 
 class TrainTask:
-    """What one trainable thing needs; subclasses implement every method."""
+    """What one trainable thing needs; subclasses implement the methods that raise.
+
+    Frozen networks (a VAE, a text encoder, a frozen UNet) belong on the task, created in
+    :meth:`setup`, not in the model: the training state then holds only what trains. A second
+    trained network (GAN discriminators) comes from :meth:`build_aux`; the loop gives it its own
+    optimizer, steps it after every generator step with :meth:`aux_loss`, and checkpoints it.
+    """
 
     name = "task"
+
+    def setup(self, device: torch.device, cfg: TrainConfig) -> None:
+        """Called once before :meth:`build_model`: load frozen networks onto ``device``."""
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Parameters the optimizer updates (default: every parameter that requires grad)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def build_aux(self) -> torch.nn.Module | None:
+        """An auxiliary trained network (e.g. discriminators) the task keeps a reference to, or None."""
+        return None
+
+    def aux_loss(
+        self, model: torch.nn.Module, batch: dict, step: int
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Loss of the auxiliary network on a batch already used for the generator step (None: skip)."""
+        return None, {}
+
+    def aux_optimizer_settings(self, cfg: TrainConfig) -> dict[str, Any]:
+        """Adam settings of the auxiliary optimizer (lr, betas, eps)."""
+        return {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
 
     def build_model(self) -> torch.nn.Module:
         """A freshly initialised model (seeded by the loop before the call)."""
@@ -145,6 +174,72 @@ class CsvLog:
         tmp.replace(self.path)
 
 
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam or AdamW as the config says."""
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if cfg.optimizer not in kinds:
+        raise ValueError(f"optimizer must be one of {sorted(kinds)}, got {cfg.optimizer!r}")
+    if not params:
+        raise ValueError("the task has no trainable parameters (all frozen?)")
+    return kinds[cfg.optimizer](
+        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this run, or None for full fp32 (always on CPU)."""
+    table = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if cfg.precision not in table:
+        raise ValueError(f"precision must be one of {sorted(table)}, got {cfg.precision!r}")
+    if table[cfg.precision] is not None and device.type != "cuda":
+        log.info("precision %s needs CUDA; training in fp32 on %s", cfg.precision, device)
+        return None
+    return table[cfg.precision]
+
+
+class _Precision:
+    """Autocast + loss scaling for one optimizer (scaling only for fp16)."""
+
+    def __init__(self, dtype: torch.dtype | None, device: torch.device, state: dict | None):
+        self.dtype, self.device = dtype, device
+        self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+    def autocast(self):
+        """Context that runs the forward pass in the run's precision."""
+        import contextlib
+
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward with loss scaling when needed."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: list, clip: float | None) -> None:
+        """Unscale, clip, step and update the scale."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state(self) -> dict:
+        """Scaler state as plain numbers (for the training state file)."""
+        return dict(self.scaler.state_dict()) if self.scaler is not None else {}
+
+
+def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} became {loss.item()} at step {step}; lower the lr")
+
+
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -159,17 +254,29 @@ def train(task: TrainTask, cfg: TrainConfig, resume: bool = True) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
+    task.setup(device, cfg)
     model = task.build_model().to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
-    )
+    params = task.trainable_parameters(model)
+    optimizer = make_optimizer(cfg, params)
+    aux = task.build_aux()
+    aux_params: list = []
+    aux_optimizer = None
+    if aux is not None:
+        aux.to(device)
+        aux_params = [p for p in aux.parameters() if p.requires_grad]
+        aux_optimizer = torch.optim.Adam(aux_params, **task.aux_optimizer_settings(cfg))
     counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "seconds": 0.0}
+    scaler_states: dict = {}
     state_path = out / STATE_FILE
     resumed = resume and state_path.is_file()
     if resumed:
-        counters = load_train_state(state_path, model, optimizer, ema)
+        counters = load_train_state(state_path, model, optimizer, ema, aux, aux_optimizer)
+        scaler_states = counters.pop("scalers", {})
         log.info("resumed %s from step %d", out, counters["step"])
+    amp = autocast_dtype(cfg, device)
+    precision = _Precision(amp, device, scaler_states.get("model"))
+    aux_precision = _Precision(amp, device, scaler_states.get("aux"))
     csv_log = CsvLog(out / LOG_FILE, counters["step"] if resumed else None)
     dataset = task.train_set()
     per_epoch = len(dataset) // cfg.batch_size
@@ -180,7 +287,8 @@ def train(task: TrainTask, cfg: TrainConfig, resume: bool = True) -> dict[str, A
     run_config = {"train": asdict(cfg), "task": task.config(), "task_name": task.name}
 
     def checkpoint() -> None:
-        save_train_state(state_path, model, optimizer, ema, counters, run_config)
+        scalers = {"model": precision.state(), "aux": aux_precision.state()}
+        save_train_state(state_path, model, optimizer, ema, counters, run_config, aux, aux_optimizer, scalers)
         task.export(ema or model, out / "latest.safetensors", counters["step"])
 
     start, last = time.time(), {}
@@ -197,23 +305,28 @@ def train(task: TrainTask, cfg: TrainConfig, resume: bool = True) -> dict[str, A
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(cfg, step)
                     model.train()
+                    if aux is not None:
+                        aux.train()
                     logs: dict[str, float] = {}
+                    batches = []
                     for _ in range(cfg.grad_accum):
                         b = counters["batch_in_epoch"]
                         items = [
                             dataset[int(i)] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                         ]
-                        loss, logs = task.training_loss(model, task.collate(items, device), step)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(
-                                f"loss became {loss.item()} at step {step}; lower the lr"
-                            )
-                        (loss / cfg.grad_accum).backward()
+                        batches.append(task.collate(items, device))
+                        with precision.autocast():
+                            loss, logs = task.training_loss(model, batches[-1], step)
+                        _check_finite(loss, "loss", step)
+                        precision.backward(loss / cfg.grad_accum)
                         counters["batch_in_epoch"] = b + 1
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
+                    precision.step(optimizer, params, cfg.grad_clip)
                     optimizer.zero_grad(set_to_none=True)
+                    if aux_optimizer is not None:
+                        logs.update(
+                            _aux_step(task, model, batches, step, aux_optimizer, aux_params, aux_precision)
+                        )
+                        optimizer.zero_grad(set_to_none=True)  # drop what the aux loss left on the model
                     if ema is not None:
                         # Warm-up: early on the average would be dominated by the random init.
                         _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
@@ -248,6 +361,25 @@ def train(task: TrainTask, cfg: TrainConfig, resume: bool = True) -> dict[str, A
         raise
     checkpoint()
     return _finish(out, counters, last, stopped=None)
+
+
+def _aux_step(task, model, batches, step, aux_optimizer, aux_params, precision) -> dict[str, float]:
+    """One auxiliary (discriminator) update on the generator step's batches."""
+    aux_optimizer.zero_grad(set_to_none=True)  # the generator loss put gradients here too
+    logs: dict[str, float] = {}
+    used = False
+    for batch in batches:
+        with precision.autocast():
+            loss, logs = task.aux_loss(model, batch, step)
+        if loss is None:
+            continue
+        _check_finite(loss, "auxiliary loss", step)
+        precision.backward(loss / len(batches))
+        used = True
+    if used:
+        precision.step(aux_optimizer, aux_params, None)
+    aux_optimizer.zero_grad(set_to_none=True)
+    return logs
 
 
 def _validate(task: TrainTask, model: torch.nn.Module, counters: dict, out: Path, csv_log: CsvLog) -> dict:

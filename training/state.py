@@ -20,24 +20,26 @@ from ..models.checkpoint import read_checkpoint, save_safetensors
 STATE_ARCH = "priorface-train-state"
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _optimizer_tensors(
+    optimizer: torch.optim.Optimizer, prefix: str = "optim"
+) -> tuple[dict[str, torch.Tensor], dict]:
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{pid}.{key}"] = value
+                tensors[f"{prefix}.{pid}.{key}"] = value
             else:
                 scalars[f"{pid}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def _restore_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "optim"
 ) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
-        if name.startswith("optim."):
+        if name.startswith(prefix + "."):
             _, pid, key = name.split(".", 2)
             state.setdefault(int(pid), {})[key] = value
     for name, value in meta["scalars"].items():
@@ -53,13 +55,25 @@ def save_train_state(
     ema: torch.nn.Module | None,
     counters: dict[str, Any],
     config: dict[str, Any],
+    aux: torch.nn.Module | None = None,
+    aux_optimizer: torch.optim.Optimizer | None = None,
+    scalers: dict[str, dict] | None = None,
 ) -> None:
-    """Write everything needed to resume exactly (atomic: a crash keeps the previous file)."""
+    """Write everything needed to resume exactly (atomic: a crash keeps the previous file).
+
+    ``aux`` is a task's second trained network (e.g. discriminators) with its own optimizer;
+    ``scalers`` are mixed-precision loss-scaler states (plain numbers).
+    """
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     optim_tensors, optim_meta = _optimizer_tensors(optimizer)
     tensors.update(optim_tensors)
+    aux_meta = None
+    if aux is not None and aux_optimizer is not None:
+        tensors.update({f"aux.{k}": v for k, v in aux.state_dict().items()})
+        aux_tensors, aux_meta = _optimizer_tensors(aux_optimizer, "aux_optim")
+        tensors.update(aux_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     np_state = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
@@ -67,6 +81,8 @@ def save_train_state(
     meta = {
         "counters": counters,
         "optimizer": optim_meta,
+        "aux_optimizer": aux_meta,
+        "scalers": scalers or {},
         "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
     }
@@ -78,8 +94,10 @@ def load_train_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     ema: torch.nn.Module | None,
+    aux: torch.nn.Module | None = None,
+    aux_optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Any]:
-    """Restore model, EMA, optimizer and RNG streams from :func:`save_train_state`; return the counters."""
+    """Restore model, EMA, optimizer, aux network and RNG streams; return counters (+ ``scalers``)."""
     from ..models.checkpoint import load_weights
 
     ckpt = read_checkpoint(path)
@@ -93,9 +111,18 @@ def load_train_state(
             ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, source=f"{path} (EMA)"
         )
     _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    if aux is not None and aux_optimizer is not None:
+        if not meta.get("aux_optimizer"):
+            raise ValueError(
+                f"{path} holds no auxiliary network (discriminator) state; start a new run folder"
+            )
+        load_weights(
+            aux, {k[4:]: v for k, v in tensors.items() if k.startswith("aux.")}, source=f"{path} (aux)"
+        )
+        _restore_optimizer(aux_optimizer, tensors, meta["aux_optimizer"], "aux_optim")
     torch.set_rng_state(tensors["rng.torch"])
     version, pos, has_gauss, gauss = meta["rng_numpy"]
     np.random.set_state((version, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     v, internal, g = meta["rng_python"]
     random.setstate((v, tuple(internal), g))
-    return meta["counters"]
+    return {**meta["counters"], "scalers": meta.get("scalers", {})}
