@@ -13,6 +13,7 @@ from . import (
     metric_nodes,
     prior_nodes,
     sam_nodes,
+    training_nodes,
     utility_nodes,
 )
 from .registry import build_mappings
@@ -29,6 +30,7 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(
         *hf_prior_nodes.NODES,
         *llvfsr_nodes.NODES,
         *sam_nodes.NODES,
+        *training_nodes.NODES,
     ]
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import comfy.model_management as model_management
 import comfy.utils
@@ -64,6 +65,11 @@ def install() -> None:
     """Wire the library to ComfyUI; called once when the node package is imported."""
     register_model_folders()
     progress.set_backend(ComfyProgressBackend())
+
+
+def output_directory() -> Path:
+    """ComfyUI's output folder (``--output-directory`` respected)."""
+    return Path(folder_paths.get_output_directory())
 
 
 def torch_device():

@@ -18,6 +18,10 @@ def reset(new_models_dir: str) -> None:
     folder_names_and_paths["diffusers"] = ([os.path.join(models_dir, "diffusers")], ["folder"])
 
 
+def get_output_directory() -> str:
+    return os.path.join(os.path.dirname(models_dir), "output")
+
+
 def map_legacy(name: str) -> str:
     return _LEGACY.get(name, name)
 
