@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEV = [ROOT.parent / "shared/data/faces/dev/ffhq"]
 
 
-def dev_set(llvfsr, degradation: str, seed: int):
+def dev_set(llvfsr, degradation: str, seed: int, align: str = "reframe"):
     """(HQ, model input, bicubic baseline) of the dev faces, framed and degraded as in training.
 
     Bicubic degradations give the true LR (MATLAB bicubic downsampling) as the model input and its
@@ -40,7 +40,8 @@ def dev_set(llvfsr, degradation: str, seed: int):
             lq_size="lr" if bicubic else "input",
             split="all",
             align=llvfsr.template,
-            source_template="ffhq",
+            # "reframe": exact FFHQ -> training-template change of framing; "detect": dlib landmarks
+            source_template="ffhq" if align == "reframe" else None,
             seed=seed,
         )
     )
@@ -72,6 +73,12 @@ def main(argv=None) -> int:
     parser.add_argument("weights", nargs="+")
     parser.add_argument("--degradation", help="default: the one the first weights were trained with")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--align",
+        choices=("reframe", "detect"),
+        default="reframe",
+        help="reframe FFHQ alignment to the training template, or detect landmarks and align each face",
+    )
     parser.add_argument("--grid", help="write LR | bicubic | each model | HR for every dev face")
     args = parser.parse_args(argv)
 
@@ -79,14 +86,17 @@ def main(argv=None) -> int:
 
     models = [load_llvfsr_model(w) for w in args.weights]
     degradation = args.degradation or models[0].task.get("degradation", "bicubic_x8")
-    hq, lq, baseline = dev_set(models[0], degradation, args.seed)
+    hq, lq, baseline = dev_set(models[0], degradation, args.seed, args.align)
     rows = [scores("bicubic", baseline, hq)]
     outputs = []
     for path, m in zip(args.weights, models, strict=True):
         out = upscale_faces(m, lq)
         outputs.append(out)
         rows.append(scores(f"{Path(path).parent.name}/{Path(path).name}", out, hq))
-    print(f"dev faces: {hq.shape[0]}, {hq.shape[-1]} px, degradation {degradation}, seed {args.seed}")
+    print(
+        f"dev faces: {hq.shape[0]}, {hq.shape[-1]} px, degradation {degradation}, seed {args.seed}, "
+        f"alignment {args.align}"
+    )
     print(
         f"{'method':48s} {'PSNR':>7s} {'gain':>6s} {'SSIM':>6s} {'PSNR-Y':>7s} {'SSIM-Y':>6s} {'ID dist':>7s}"
     )

@@ -146,3 +146,44 @@ def test_reframing_from_a_known_template_puts_eyes_on_the_template():
         # FFHQ's own alignment is not exactly the 5-point template: a few pixels apart at most.
         found = detect_faces(reframed[i]["hq"].unsqueeze(0), "dlib", upsample=1)
         assert found and np.abs(found[0].landmarks[:2] - eyes).max() < 6
+
+
+def test_stored_landmarks_align_like_the_template_and_missing_ones_resize(faces_dir, tmp_path):
+    import json
+
+    from priorface.inference.face_align import estimate_similarity, template_points, warp_affine
+    from priorface.inference.images import load_image_file
+
+    # Landmarks of a face rotated by 10 degrees about the image centre: alignment must undo that.
+    theta = np.deg2rad(10.0)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    points = (template_points("utkface", 40) - 20) @ rot.T + 20
+    stored = {"20_0_0_2017.jpg": points.tolist(), "21_1_1_2017.jpg": None}
+    (tmp_path / "lm.json").write_text(json.dumps(stored))
+    cfg = FaceDatasetConfig(
+        hq_dirs=[str(faces_dir)],
+        size=32,
+        degradation="bicubic_x4",
+        split="all",
+        align="utkface",
+        landmarks_json=str(tmp_path / "lm.json"),
+    )
+    ds = FaceDataset(cfg)
+    names = [rel for _, rel in ds.files]
+    image = load_image_file(faces_dir / "20_0_0_2017.jpg")[None]
+    expected = warp_affine(image, estimate_similarity(points, template_points("utkface", 32)), (32, 32))
+    assert (ds[names.index("20_0_0_2017.jpg")]["hq"] - expected[0]).abs().max() < 1e-5
+    unaligned = torch.nn.functional.interpolate(
+        load_image_file(faces_dir / "21_1_1_2017.jpg")[None], size=(32, 32), mode="bicubic", antialias=True
+    ).clamp(0, 1)
+    assert torch.allclose(ds[names.index("21_1_1_2017.jpg")]["hq"], unaligned[0], atol=1e-5)
+    assert not torch.allclose(
+        ds[names.index("20_0_0_2017.jpg")]["hq"], ds0_item(faces_dir, "20_0_0_2017.jpg")
+    )
+
+
+def ds0_item(faces_dir, name):
+    ds = FaceDataset(
+        FaceDatasetConfig(hq_dirs=[str(faces_dir)], size=32, degradation="bicubic_x4", split="all")
+    )
+    return ds[[rel for _, rel in ds.files].index(name)]["hq"]

@@ -49,6 +49,9 @@ class FaceDatasetConfig:
     align: str = "none"  # "none": files are aligned crops already; or a template name to re-align to
     detector: str = "dlib"  # detector used when align is a template (embedded dlib by default)
     source_template: str | None = None  # files already aligned to this template: reframe without detection
+    # {relative file name: [[x, y] x 5] in file pixels | null}: align to the template with these
+    # landmarks instead of detecting (fast enough for training); files without landmarks are resized
+    landmarks_json: str | None = None
     hflip: bool = False  # random horizontal flip of train items (same flip for HQ and LQ)
     priors_dir: str | None = None  # cached priors: <priors_dir>/<relative stem>.safetensors
     max_items: int | None = None  # keep the first N files of the split (after sorting)
@@ -108,6 +111,7 @@ class FaceDataset(torch.utils.data.Dataset):
             raise ValueError(f"no images for split {config.split!r} in {config.hq_dirs}")
         self.files = files
         self.epoch = 0
+        self._landmarks: dict | None = None
         self._lq_index = self._index_lq() if config.degradation == "precomputed" else {}
 
     def _index_lq(self) -> dict[str, Path]:
@@ -129,7 +133,7 @@ class FaceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         path, rel = self.files[index]
         cfg = self.config
-        hq = self._load_hq(path)
+        hq = self._load_hq(path, rel)
         seed = item_seed(cfg.seed, self.epoch, index)
         stem = str(Path(rel).with_suffix(""))
         if cfg.degradation == "precomputed":
@@ -154,14 +158,16 @@ class FaceDataset(torch.utils.data.Dataset):
             item["priors"] = self._load_priors(stem)
         return item
 
-    def _load_hq(self, path: Path) -> torch.Tensor:
-        """HQ face as [1,3,size,size]: resized, or detected and aligned to the chosen template."""
+    def _load_hq(self, path: Path, rel: str) -> torch.Tensor:
+        """HQ face as [1,3,size,size]: resized, or aligned to the chosen template."""
         image = load_image(path).unsqueeze(0)
         cfg = self.config
         if cfg.align == "none":
             return resize_bchw(image, cfg.size, cfg.size)
         if cfg.source_template:
             return self._reframe(image)
+        if cfg.landmarks_json:
+            return self._align_with_landmarks(image, rel)
         from ..inference.face_pipeline import crop_faces
 
         crops, data = crop_faces(image, cfg.detector, template=cfg.align, size=cfg.size, max_faces=1)
@@ -170,6 +176,19 @@ class FaceDataset(torch.utils.data.Dataset):
             log.warning("no face found in %s; using the whole image resized", path)
             return resize_bchw(image, cfg.size, cfg.size)
         return crops
+
+    def _align_with_landmarks(self, image: torch.Tensor, rel: str) -> torch.Tensor:
+        """Similarity-align with the file's stored 5 landmarks (as the face pipeline does at inference)."""
+        from ..inference.face_align import estimate_similarity, template_points, warp_affine
+
+        cfg = self.config
+        if self._landmarks is None:
+            self._landmarks = json.loads(Path(cfg.landmarks_json).read_text())
+        points = self._landmarks.get(rel, self._landmarks.get(Path(rel).name))
+        if points is None:
+            return resize_bchw(image, cfg.size, cfg.size)  # no face found when the JSON was made
+        affine = estimate_similarity(np.asarray(points, np.float32), template_points(cfg.align, cfg.size))
+        return warp_affine(image, affine, (cfg.size, cfg.size))
 
     def _reframe(self, image: torch.Tensor) -> torch.Tensor:
         """Exact change of framing between two templates (no detection, same for every file)."""

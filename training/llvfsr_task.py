@@ -41,6 +41,9 @@ class LLVFSRTaskConfig:
     size: int = 128  # HR side
     degradation: str = "bicubic_x8"  # a degradations mode
     landmarks_json: str | None = None  # {relative name: [[x, y] x5] in source pixels | null}
+    # True: warp every training face onto the template with its landmarks (the framing the face
+    # pipeline produces at inference); False: use the files' own crop as the framing
+    align_train: bool = False
     source_size: int = 200  # side of the training files the landmarks were measured on
     priors: list[str] = field(default_factory=lambda: ["mask", "caption"])
     preset: str = "small"
@@ -108,6 +111,8 @@ class LLVFSRTask(TrainTask):
                 lq_size=self._lq_size(),
                 split="all",
                 max_items=self.cfg.max_train_items,
+                align=self.cfg.template if self.cfg.align_train else "none",
+                landmarks_json=self.cfg.landmarks_json if self.cfg.align_train else None,
             )
         )
 
@@ -132,6 +137,8 @@ class LLVFSRTask(TrainTask):
     def _landmarks_for(self, names: list[str]) -> torch.Tensor:
         """[B,5,2] landmarks in HR pixels: detected ones scaled from the source files, else the template."""
         fallback = torch.from_numpy(template_points(self.cfg.template, self.cfg.size)).float()
+        if self.cfg.align_train:
+            return fallback.expand(len(names), -1, -1)  # aligned faces sit on the template
         scale = self.cfg.size / self.cfg.source_size
         out = []
         for name in names:
