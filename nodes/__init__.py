@@ -6,6 +6,7 @@ builds the node mappings from each node module's ``NODES`` list.
 
 from . import (
     comfy_bridge,
+    compare_nodes,
     degradation_nodes,
     face_nodes,
     hf_prior_nodes,
@@ -26,6 +27,7 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(
         *face_nodes.NODES,
         *degradation_nodes.NODES,
         *metric_nodes.NODES,
+        *compare_nodes.NODES,
         *prior_nodes.NODES,
         *hf_prior_nodes.NODES,
         *llvfsr_nodes.NODES,
