@@ -16,6 +16,7 @@ from . import (
     sam_nodes,
     training_nodes,
     utility_nodes,
+    xpsr_nodes,
 )
 from .registry import build_mappings
 
@@ -33,6 +34,7 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(
         *llvfsr_nodes.NODES,
         *sam_nodes.NODES,
         *training_nodes.NODES,
+        *xpsr_nodes.NODES,
     ]
 )
 

@@ -94,8 +94,14 @@ def write_tiny_tokenizer(folder: Path) -> Path:
         json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "pad_token": "<|endoftext|>"})
     )
     (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                    "pad_token": "<|endoftext|>"})
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
     )
     return folder
 
@@ -153,3 +159,36 @@ def save_tiny_diffusers_folder(folder: Path, family: str = "sd15", seed: int = 0
     cls = "StableDiffusionPipeline" if family == "sd15" else "StableDiffusionXLPipeline"
     (folder / "model_index.json").write_text(json.dumps({"_class_name": cls}))
     return folder
+
+
+def write_tiny_configs(folder: Path) -> Path:
+    """Diffusers configs of the tiny components as ``<folder>/<family>/<component>/config.json``.
+
+    Pass ``folder`` as ``config_root`` to ``load_sd_parts`` to read tiny single-file checkpoints.
+    """
+    folder = Path(folder)
+    for family in ("sd15", "sdxl"):
+        tiny_unet(family).save_config(folder / family / "unet")
+        tiny_vae().save_config(folder / family / "vae")
+        for name, enc in zip(["text_encoder", "text_encoder_2"], tiny_text_encoders(family), strict=False):
+            (folder / family / name).mkdir(parents=True, exist_ok=True)
+            enc.config.to_json_file(str(folder / family / name / "config.json"))
+    return folder
+
+
+def tiny_sd_parts(family: str, tokenizer_folder: Path, seed: int = 0):
+    """SDParts of tiny random components with tiny tokenizers written to ``tokenizer_folder``."""
+    from priorface.inference.sd_checkpoints import SDParts
+    from priorface.inference.sd_components import scheduler_config
+
+    encoders = tiny_text_encoders(family, seed + 20)
+    tokenizers = [tiny_tokenizer(Path(tokenizer_folder) / f"tok{i}") for i in range(len(encoders))]
+    return SDParts(
+        family,
+        tiny_unet(family, seed),
+        tiny_vae(seed + 10),
+        encoders,
+        tokenizers,
+        scheduler_config(family),
+        "tiny",
+    )
