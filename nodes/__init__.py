@@ -5,6 +5,7 @@ builds the node mappings from each node module's ``NODES`` list.
 """
 
 from . import (
+    authface_nodes,
     comfy_bridge,
     compare_nodes,
     degradation_nodes,
@@ -32,6 +33,7 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(
         *prior_nodes.NODES,
         *hf_prior_nodes.NODES,
         *llvfsr_nodes.NODES,
+        *authface_nodes.NODES,
         *sam_nodes.NODES,
         *training_nodes.NODES,
         *xpsr_nodes.NODES,

@@ -26,12 +26,43 @@ BUILTIN_WIDGETS = {
     "SaveImage": (["filename_prefix"], []),
     "PreviewImage": ([], []),
     "PreviewAny": ([], []),
+    "CheckpointLoaderSimple": (["ckpt_name"], ["MODEL", "CLIP", "VAE"]),
+    "ControlNetLoader": (["control_net_name"], ["CONTROL_NET"]),
+    "CLIPTextEncode": (["text"], ["CONDITIONING"]),
+    "ControlNetApplyAdvanced": (
+        ["strength", "start_percent", "end_percent"],
+        ["CONDITIONING", "CONDITIONING"],
+    ),
+    "EmptyLatentImage": (["width", "height", "batch_size"], ["LATENT"]),
+    "KSampler": (
+        ["seed", "__control_after_generate__", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+        ["LATENT"],
+    ),
+    "VAEDecode": ([], ["IMAGE"]),
 }
 BUILTIN_INPUTS = {
     "SaveImage": {"images": "IMAGE"},
     "PreviewImage": {"images": "IMAGE"},
     "LoadImage": {},
     "PreviewAny": {"source": "*"},
+    "CheckpointLoaderSimple": {},
+    "ControlNetLoader": {},
+    "CLIPTextEncode": {"clip": "CLIP"},
+    "ControlNetApplyAdvanced": {
+        "positive": "CONDITIONING",
+        "negative": "CONDITIONING",
+        "control_net": "CONTROL_NET",
+        "image": "IMAGE",
+        "vae": "VAE",
+    },
+    "EmptyLatentImage": {},
+    "KSampler": {
+        "model": "MODEL",
+        "positive": "CONDITIONING",
+        "negative": "CONDITIONING",
+        "latent_image": "LATENT",
+    },
+    "VAEDecode": {"samples": "LATENT", "vae": "VAE"},
 }
 
 
