@@ -12,7 +12,12 @@ from typing import Any
 
 from .loop import TrainConfig, train
 
-TASKS = ("llvfsr",)
+# task name -> (module in this package, task class, config class); imported only when used
+TASK_CLASSES = {
+    "llvfsr": ("llvfsr_task", "LLVFSRTask", "LLVFSRTaskConfig"),
+    "xpsr": ("xpsr_task", "XPSRTask", "XPSRTaskConfig"),
+}
+TASKS = tuple(TASK_CLASSES)
 
 
 def load_job(path: str | Path) -> dict[str, Any]:
@@ -34,9 +39,16 @@ def load_job(path: str | Path) -> dict[str, Any]:
 
 def build_task(job: dict[str, Any]):
     """The TrainTask a job names."""
-    from .llvfsr_task import LLVFSRTask, LLVFSRTaskConfig
+    import importlib
 
-    return LLVFSRTask(LLVFSRTaskConfig(**job["task_config"]))
+    module_name, task_name, config_name = TASK_CLASSES[job["task"]]
+    module = importlib.import_module(f".{module_name}", __package__)
+    config_cls = getattr(module, config_name)
+    try:
+        config = config_cls(**job["task_config"])
+    except TypeError as e:
+        raise ValueError(f"task_config does not fit {config_name}: {e}") from None
+    return getattr(module, task_name)(config)
 
 
 def run_job(
