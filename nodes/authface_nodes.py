@@ -61,15 +61,6 @@ def resolve_any(keys: tuple[str, ...], name: str, expected: str) -> Path:
     raise FileNotFoundError(f"{name!r} not found.\nSearched:\n{where}\nExpected {expected}.")
 
 
-def comfy_tokenizer_dirs() -> Path | None:
-    """ComfyUI's own CLIP tokenizer folder (comfy/sd1_tokenizer), shared by both SDXL encoders, if present."""
-    import comfy
-
-    # One folder for both: load_sd_parts gives the second (CLIP-G) tokenizer its "!" padding itself.
-    folder = Path(comfy.__file__).resolve().parent / "sd1_tokenizer"
-    return folder if (folder / "vocab.json").is_file() else None
-
-
 class AuthFaceLoaderNode:
     """Loads the AuthFace stage I SDXL and its stage II ControlNet."""
 
@@ -121,7 +112,11 @@ class AuthFaceLoaderNode:
         sdxl = resolve_any(SDXL_KEYS, model_name, SDXL_EXPECTED)
         controlnet = resolve_any(CONTROLNET_KEYS, weights, CONTROLNET_EXPECTED)
         device = comfy_bridge.torch_device()
-        return (load_authface(sdxl, controlnet, device, precision, tokenizer_dirs=comfy_tokenizer_dirs()),)
+        return (
+            load_authface(
+                sdxl, controlnet, device, precision, tokenizer_dirs=comfy_bridge.comfy_tokenizer_dirs()
+            ),
+        )
 
 
 def _sampler_inputs() -> dict:

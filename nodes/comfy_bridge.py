@@ -75,3 +75,12 @@ def output_directory() -> Path:
 def torch_device():
     """The device ComfyUI chose for inference (respects --cpu, --gpu-only and friends)."""
     return model_management.get_torch_device()
+
+
+def comfy_tokenizer_dirs() -> Path | None:
+    """ComfyUI's own CLIP tokenizer folder (comfy/sd1_tokenizer), shared by both SDXL encoders, if present."""
+    import comfy
+
+    # One folder for both: load_sd_parts gives the second (CLIP-G) tokenizer its "!" padding itself.
+    folder = Path(comfy.__file__).resolve().parent / "sd1_tokenizer"
+    return folder if (folder / "vocab.json").is_file() else None

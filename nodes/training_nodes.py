@@ -77,6 +77,7 @@ class TrainingNodeBase:
     MODEL_KEY = ""  # model folder the export is published to
     EXPORT_SUFFIX = ".safetensors"  # "" when the export is a folder
     DEFAULTS = {"steps": 1000, "batch_size": 4, "lr": 1e-4}
+    LOOP_INPUTS: tuple[str, ...] = ()  # method inputs that are loop settings (e.g. grad_accum)
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
@@ -149,6 +150,7 @@ class TrainingNodeBase:
 
     def run(self, save_name, steps, batch_size, learning_rate, seed, resume, max_minutes, **task_args):
         name = check_run_name(save_name)
+        loop_extra = {k: task_args.pop(k) for k in self.LOOP_INPUTS}
         out = comfy_bridge.output_directory() / "priorface_training" / self.TASK / name
         cfg = self.train_config(
             out,
@@ -159,6 +161,7 @@ class TrainingNodeBase:
             max_minutes=max_minutes or None,
             log_every=max(1, min(25, steps // 50)),  # short runs still draw a curve
             device=str(comfy_bridge.torch_device()),
+            **loop_extra,
         )
         task = self.build_task(**task_args)
         train(task, cfg, resume=resume)
@@ -249,6 +252,119 @@ class LLVFSRTrainNode(TrainingNodeBase):
         )
 
 
+class XPSRTrainNode(TrainingNodeBase):
+    """Trains the XPSR ControlNet + pixel attention on HQ faces over a frozen SD1.5."""
+
+    NODE_ID = "PriorFaceTrainXPSR"
+    DISPLAY_NAME = "PriorFace Train XPSR"
+    DESCRIPTION = (
+        "Trains XPSR's ControlNet (Semantic-Fusion Attention) and the UNet's conditional attention on a frozen "
+        "SD1.5: noise MSE + 0.05 x Degradation-Free Constraint, AdamW 5e-5 / wd 1e-2 (official settings), "
+        "Real-ESRGAN degradations on the fly. High/low prompts come from folders of <name>.txt files (e.g. "
+        "written by the prior extraction batch) or one fixed text. Needs a GPU in practice; the result (unet/ + "
+        "controlnet/) appears in the XPSR Loader's list."
+    )
+    TASK = "xpsr"
+    MODEL_KEY = "priorface_xpsr"
+    EXPORT_SUFFIX = ""  # a checkpoint folder
+    LOOP_INPUTS = ("grad_accum",)
+    DEFAULTS = {"steps": 20000, "batch_size": 2, "lr": 5e-5}
+
+    @classmethod
+    def task_inputs(cls) -> dict:
+        from ..inference.xpsr_loading import base_choices
+        from ..models.xpsr_attention import SFA_MODES
+
+        bases = base_choices(comfy_bridge.LOCATOR)
+        return {
+            "base_model": (bases, {"default": bases[0], "tooltip": "SD1.5 single file or diffusers folder."}),
+            "train_folder": _folder_input("Folder of aligned HQ face images."),
+            "val_folder": _folder_input("Optional held-out faces for sample grids and PSNR."),
+            "size": (
+                "INT",
+                {"default": 512, "min": 64, "max": 1024, "step": 64, "tooltip": "HR side in pixels."},
+            ),
+            "high_prompts_folder": _folder_input(
+                "Folder of <name>.txt high-level prompts (empty: use the text below)."
+            ),
+            "low_prompts_folder": _folder_input(
+                "Folder of <name>.txt low-level prompts (empty: use the text below)."
+            ),
+            "high_prompt": (
+                "STRING",
+                {"default": "a photo of a face", "tooltip": "Fixed high-level prompt."},
+            ),
+            "low_prompt": ("STRING", {"default": "", "tooltip": "Fixed low-level prompt."}),
+            "sfa_mode": (
+                list(SFA_MODES),
+                {"default": "parallel", "tooltip": "Semantic-Fusion Attention variant."},
+            ),
+            "dfc_mode": (
+                ["official", "paper"],
+                {"default": "official", "tooltip": "DFC heads: 3 + 13 or 3 + 3."},
+            ),
+            "grad_accum": (
+                "INT",
+                {"default": 16, "min": 1, "max": 256, "tooltip": "Batches per optimizer step."},
+            ),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Less memory, slower."}),
+        }
+
+    def train_config(self, out_dir: Path, **loop_args) -> TrainConfig:
+        return TrainConfig(
+            out_dir=str(out_dir),
+            optimizer="adamw",
+            weight_decay=1e-2,
+            betas=(0.9, 0.999),
+            grad_clip=1.0,
+            precision="fp16",
+            val_every=1000,
+            ckpt_every=500,
+            **loop_args,
+        )
+
+    def build_task(
+        self,
+        base_model,
+        train_folder,
+        val_folder,
+        size,
+        high_prompts_folder,
+        low_prompts_folder,
+        high_prompt,
+        low_prompt,
+        sfa_mode,
+        dfc_mode,
+        gradient_checkpointing,
+    ):
+        from ..inference.xpsr_loading import resolve_base
+        from ..training.xpsr_task import XPSRTask, XPSRTaskConfig
+
+        base = resolve_base(comfy_bridge.LOCATOR, base_model)
+        tokenizers = comfy_bridge.comfy_tokenizer_dirs()
+        return XPSRTask(
+            XPSRTaskConfig(
+                base_model=str(base),
+                train_dirs=[str(_existing_folder(train_folder, "train_folder"))],
+                val_dirs=[str(_existing_folder(val_folder, "val_folder"))] if val_folder.strip() else [],
+                tokenizer_dirs=[str(tokenizers)] if tokenizers and not base.is_dir() else [],
+                size=size,
+                high_prompts=str(_existing_folder(high_prompts_folder, "high_prompts_folder"))
+                if high_prompts_folder.strip()
+                else None,
+                low_prompts=str(_existing_folder(low_prompts_folder, "low_prompts_folder"))
+                if low_prompts_folder.strip()
+                else None,
+                high_prompt=high_prompt,
+                low_prompt=low_prompt,
+                sfa_mode=sfa_mode,
+                dfc_mode=dfc_mode,
+                gradient_checkpointing=gradient_checkpointing,
+                export_dtype="fp16",
+            )
+        )
+
+
 def _existing_folder(text: str, what: str) -> Path:
     path = Path(text.strip()).expanduser()
     if not text.strip() or not path.is_dir():
@@ -256,4 +372,4 @@ def _existing_folder(text: str, what: str) -> Path:
     return path
 
 
-NODES = [LLVFSRTrainNode]
+NODES = [LLVFSRTrainNode, XPSRTrainNode]

@@ -21,7 +21,6 @@ from ..inference.xpsr_prompts import (
 )
 from ..inference.xpsr_sampler import PRESETS, START_MODES, SamplerSettings, preset_settings
 from . import comfy_bridge
-from .authface_nodes import comfy_tokenizer_dirs
 from .face_nodes import EMBEDDED_DETECTOR, detector_choices, resolve_detector
 
 MODEL_TYPE = "PRIORFACE_XPSR"
@@ -110,7 +109,7 @@ class XPSRLoaderNode:
         base = resolve_base(comfy_bridge.LOCATOR, model_name)
         root = resolve_xpsr(comfy_bridge.LOCATOR, weights)
         # A single file carries no tokenizer: use ComfyUI's own CLIP-L one (a diffusers folder has its own).
-        tokenizer = None if base.is_dir() else comfy_tokenizer_dirs()
+        tokenizer = None if base.is_dir() else comfy_bridge.comfy_tokenizer_dirs()
         return (load_xpsr_pipeline(base, root, comfy_bridge.torch_device(), precision, tokenizer),)
 
 

@@ -92,3 +92,44 @@ def test_bad_run_name_and_missing_folder_are_clear(comfy_env, faces):
         node.run(**_args(faces, save_name="../escape"))
     with pytest.raises(FileNotFoundError, match="train_folder"):
         node.run(**_args(faces, train_folder=str(faces / "nope")))
+
+
+def test_xpsr_training_node_trains_on_a_tiny_sd_folder_and_publishes_a_loadable_checkpoint(comfy_env, faces):
+    pytest.importorskip("diffusers")
+    import tiny_sd
+
+    from priorface.models.xpsr_checkpoints import load_xpsr_checkpoint
+    from priorface.nodes import training_nodes, xpsr_nodes
+
+    tiny_sd.save_tiny_diffusers_folder(comfy_env.models_dir / "diffusers" / "tiny-sd15", "sd15")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = training_nodes.XPSRTrainNode().run(
+            base_model="diffusers/tiny-sd15",
+            train_folder=str(faces),
+            val_folder="",
+            size=64,
+            high_prompts_folder="",
+            low_prompts_folder="",
+            high_prompt="a photo of a face",
+            low_prompt="blurry",
+            sfa_mode="parallel",
+            dfc_mode="paper",
+            grad_accum=1,
+            gradient_checkpointing=False,
+            save_name="xpsr-node",
+            steps=1,
+            batch_size=2,
+            learning_rate=5e-5,
+            seed=0,
+            resume=True,
+            max_minutes=0.0,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    published = Path(out[0])
+    assert published == comfy_env.models_dir / "priorface" / "xpsr" / "xpsr-node"
+    unet, controlnet = load_xpsr_checkpoint(published)
+    assert unet is not None and controlnet is not None
+    assert "xpsr-node" in xpsr_nodes.XPSRLoaderNode.INPUT_TYPES()["required"]["weights"][0]
