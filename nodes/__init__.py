@@ -17,6 +17,7 @@ from . import (
     sam_nodes,
     training_nodes,
     utility_nodes,
+    vspbfr_nodes,
     xpsr_nodes,
 )
 from .registry import build_mappings
@@ -37,6 +38,7 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(
         *sam_nodes.NODES,
         *training_nodes.NODES,
         *xpsr_nodes.NODES,
+        *vspbfr_nodes.NODES,
     ]
 )
 
