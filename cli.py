@@ -37,11 +37,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert a legacy pickle of tensors to safetensors (nested dicts flattened with dots)."""
-    from .models.checkpoint import read_checkpoint, save_safetensors
+    """Convert a legacy pickle to safetensors: official VSPBFR files by model, others flattened with dots."""
+    from .models.checkpoint import save_safetensors
     from .models.state_dicts import flatten_tensors
+    from .models.vspbfr_checkpoints import convert_official_to_safetensors, read_vspbfr_file
 
-    ckpt = read_checkpoint(args.source)
+    # The VSPBFR allow-list adds only argparse.Namespace (the official files' options) to plain tensors.
+    ckpt = read_vspbfr_file(args.source)
+    if _is_official_vspbfr(ckpt.content):
+        out = convert_official_to_safetensors(args.source, args.target)
+        print(f"wrote the official VSPBFR network to {out} (keys checked strictly)")
+        return 0
     tensors = flatten_tensors(ckpt.content)
     if not tensors:
         print(f"error: {args.source} holds no tensors", file=sys.stderr)
@@ -51,6 +57,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(tensors)} tensors to {args.target}")
     return 0
+
+
+def _is_official_vspbfr(content) -> bool:
+    """The three official VSPBFR files: e4e ``state_dict`` with encoder./decoder. keys, ``att_mapper``, ``g_ema``."""
+    if not isinstance(content, dict):
+        return False
+    if "att_mapper" in content or "g_ema" in content:
+        return True
+    sd = content.get("state_dict")
+    return isinstance(sd, dict) and any(str(k).startswith("encoder.") for k in sd) and any(
+        str(k).startswith("decoder.") for k in sd
+    )
 
 
 def _photos(source: str) -> list:

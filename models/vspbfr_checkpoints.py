@@ -233,7 +233,8 @@ def _codec_from_safetensors(ckpt: Checkpoint) -> StyleCodec:
 # ---------------------------------------------------------------- public loaders
 
 
-def _read(path: str | os.PathLike) -> Checkpoint:
+def read_vspbfr_file(path: str | os.PathLike) -> Checkpoint:
+    """Read a VSPBFR file (official pickles may hold an argparse.Namespace of options, nothing else)."""
     return read_checkpoint(path, allowed_globals=OFFICIAL_ALLOWED_GLOBALS)
 
 
@@ -244,7 +245,7 @@ def _expect_arch(ckpt: Checkpoint, arch: str) -> None:
 
 def load_style_codec(path: str | os.PathLike, device: str | torch.device = "cpu") -> StyleCodec:
     """Style encoder + StyleGAN2 decoder from ``style_encoder_decoder.pt`` or its conversion."""
-    ckpt = _read(path)
+    ckpt = read_vspbfr_file(path)
     if ckpt.metadata.get(ARCH_KEY):
         _expect_arch(ckpt, CODEC_ARCH)
         codec = _codec_from_safetensors(ckpt)
@@ -255,7 +256,7 @@ def load_style_codec(path: str | os.PathLike, device: str | torch.device = "cpu"
 
 def load_code_diffuser(path: str | os.PathLike, device: str | torch.device = "cpu") -> CodeDiffuser:
     """Code diffuser from ``code_diffuser.pt`` or its conversion."""
-    ckpt = _read(path)
+    ckpt = read_vspbfr_file(path)
     if ckpt.metadata.get(ARCH_KEY):
         _expect_arch(ckpt, DIFFUSER_ARCH)
         model = CodeDiffuser(_config(CodeDiffuserConfig, ckpt.config, str(path)))
@@ -269,7 +270,7 @@ def load_restoration_net(
     path: str | os.PathLike, device: str | torch.device = "cpu", which: str = "g_ema"
 ) -> RestorationNet:
     """Restoration network from ``restoration_net.pt`` (entry ``which``: g_ema or g) or its conversion."""
-    ckpt = _read(path)
+    ckpt = read_vspbfr_file(path)
     if ckpt.metadata.get(ARCH_KEY):
         _expect_arch(ckpt, RESTORATION_ARCH)
         model = RestorationNet(_config(RestorationConfig, ckpt.config, str(path)))
@@ -294,7 +295,7 @@ def official_kind(ckpt: Checkpoint) -> str:
 
 def convert_official_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Convert one official VSPBFR ``.pt`` (any of the three) to a PriorFace safetensors file."""
-    ckpt = _read(src)
+    ckpt = read_vspbfr_file(src)
     if ckpt.metadata.get(ARCH_KEY):
         raise ValueError(f"{src} is already a PriorFace file ({ckpt.architecture}); nothing to convert")
     kind = official_kind(ckpt)

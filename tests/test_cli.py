@@ -63,3 +63,15 @@ def test_restore_demo_photo_with_embedded_weights(tmp_path, capsys):
     restored = Image.open(tmp_path / "astronaut_small_restored.png")
     bicubic = Image.open(tmp_path / "astronaut_small_bicubic.png")
     assert restored.size == bicubic.size == (510, 510)
+
+
+def test_convert_recognises_official_vspbfr_files(tmp_path):
+    import tiny_vspbfr
+
+    from priorface.models.checkpoint import read_checkpoint as read
+
+    files = tiny_vspbfr.write_official_files(tiny_vspbfr.tiny_models(), tmp_path / "official")
+    for slot, path in files.items():
+        target = tmp_path / f"{slot}.safetensors"
+        assert main(["convert", str(path), str(target)]) == 0
+        assert read(target).architecture.startswith("vspbfr"), slot

@@ -16,6 +16,10 @@ from .loop import TrainConfig, train
 TASK_CLASSES = {
     "llvfsr": ("llvfsr_task", "LLVFSRTask", "LLVFSRTaskConfig"),
     "xpsr": ("xpsr_task", "XPSRTask", "XPSRTaskConfig"),
+    "authface_stage1": ("authface_stage1", "AuthFaceStage1Task", "AuthFaceStage1Config"),
+    "authface_stage2": ("authface_stage2", "AuthFaceStage2Task", "AuthFaceStage2Config"),
+    "vspbfr_code_diffuser": ("vspbfr_tasks", "CodeDiffuserTask", "CodeDiffuserTaskConfig"),
+    "vspbfr_restoration": ("vspbfr_tasks", "RestorationTask", "RestorationTaskConfig"),
 }
 TASKS = tuple(TASK_CLASSES)
 

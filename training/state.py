@@ -75,6 +75,8 @@ def save_train_state(
         aux_tensors, aux_meta = _optimizer_tensors(aux_optimizer, "aux_optim")
         tensors.update(aux_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():  # dropout and any CUDA-side draws resume exactly on GPU too
+        tensors["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     np_state = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
     py_state = random.getstate()
@@ -121,6 +123,10 @@ def load_train_state(
         )
         _restore_optimizer(aux_optimizer, tensors, meta["aux_optimizer"], "aux_optim")
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        states = list(tensors["rng.cuda"].unbind(0))
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
     version, pos, has_gauss, gauss = meta["rng_numpy"]
     np.random.set_state((version, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     v, internal, g = meta["rng_python"]
