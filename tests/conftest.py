@@ -79,3 +79,13 @@ def check_outputs():
         return result
 
     return _check
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: tiny models gain nothing from threads, and on a busy CPU
+    OpenMP spin-waits made them up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

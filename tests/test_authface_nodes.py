@@ -12,6 +12,8 @@ pytest.importorskip("diffusers")
 
 import tiny_sd  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
 PHOTO = (
     Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces" / "whole" / "codeformer_00.jpg"
 )
@@ -26,15 +28,6 @@ FAST = dict(
     color_correction="wavelet",
     vae_tile=0,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny layers: thread start-up costs more than the work (measured 10x slower with 2 threads here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -25,16 +25,10 @@ from priorface.inference.color_correction import adain_color_fix  # noqa: E402
 from priorface.inference.sd_prompts import encode_prompts  # noqa: E402
 from priorface.models.checkpoint import KeyMismatchError  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
 FAST = AuthFaceSettings(steps=3, seed=5, color_fix="none")
 SIZE = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_controlnet(unet, seed: int = 3):

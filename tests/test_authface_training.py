@@ -20,16 +20,10 @@ import tiny_sd  # noqa: E402  (tests/ is on sys.path, see conftest)
 
 from priorface.training.loop import TrainConfig, train  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
 RES = 64  # image side: an 8x8 latent, enough for the tiny UNet's three levels
 LANDMARKS = [[20.0, 26.0], [44.0, 26.0], [32.0, 36.0], [23.0, 47.0], [41.0, 47.0]]  # in 64-px files
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from priorface.models.checkpoint import CorruptCheckpointError, KeyMismatchError
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
 FAMILIES = ("sd15", "sdxl")
 # Published parameter counts (runwayml SD1.5, SDXL base 1.0): UNet, VAE, text encoders.
 KNOWN_COUNTS = {
@@ -32,14 +34,6 @@ KNOWN_COUNTS = {
         "text_encoder_2": 694_659_840,
     },
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -361,6 +355,7 @@ import comfy.model_detection, comfy.ops
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.ldm.models.autoencoder import AutoencoderKL
 from priorface.inference import sd_checkpoints as sc, sd_components as comp, sd_keymap as km
+
 ddconfig = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
                 num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 def shapes(sd, prefix=""):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_vspbfr import CD, E4E, RN, SG, build, randomize  # noqa: E402
 
 from priorface.models.checkpoint import KeyMismatchError, UnsafeCheckpointError, match_state_dict
 from priorface.models.stylegan2 import StyleGAN2Config, StyleGAN2Generator
@@ -30,47 +31,18 @@ from priorface.models.vspbfr_checkpoints import (
     load_restoration_net,
     load_style_codec,
 )
-from priorface.models.vspbfr_diffuser import CodeDiffuser, CodeDiffuserConfig, TACCBlock, beta_schedule
+from priorface.models.vspbfr_diffuser import CodeDiffuser, TACCBlock, beta_schedule
 from priorface.models.vspbfr_encoder import E4EConfig, Encoder4Editing, StyleEncoder
 from priorface.models.vspbfr_restore import RestorationConfig, RestorationNet
 
-SG = StyleGAN2Config(size=32, style_dim=32, n_mlp=2, channel_divisor=16)
-RN = RestorationConfig(size=32, style_dim=32, n_mlp=2, channel_divisor=16)
-E4E = E4EConfig(input_size=64, units=(1, 1, 1, 1), widths=(8, 16, 24, 32), num_styles=8, se_reduction=4)
-CD = CodeDiffuserConfig(dim=32, blocks=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The models are tiny: thread start-up and contention cost far more than the maths.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial biases / noise strengths / BN stats so that every parameter matters."""
-    g = _gen(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("bias") or name.endswith("noise.weight"):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-        for name, b in module.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 1.5, generator=g)
-            elif name.endswith("running_mean"):
-                b.normal_(0, 0.1, generator=g)
-    return module.eval()
-
-
-def _build(cls, cfg, seed=0):
-    torch.manual_seed(seed)
-    return _randomize(cls(cfg), seed)
+_randomize, _build = randomize, build
 
 
 # ---------------------------------------------------------------- ops

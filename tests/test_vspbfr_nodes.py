@@ -12,13 +12,7 @@ from tiny_vspbfr import tiny_models, write_official_files
 
 from priorface.inference.vspbfr_pipeline import restore_faces
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than the maths
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 
 @pytest.fixture(scope="module")

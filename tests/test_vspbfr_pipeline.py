@@ -17,15 +17,9 @@ from priorface.inference.vspbfr_loading import load_vspbfr_models, resolve_vspbf
 from priorface.inference.vspbfr_sampler import kept_timesteps, posterior_coefficients, sample_codes
 from priorface.models.vspbfr_diffuser import CodeDiffuser, CodeDiffuserConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
 WHOLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces" / "whole"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than the maths
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

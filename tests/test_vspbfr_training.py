@@ -51,17 +51,11 @@ from priorface.training.vspbfr_tasks import (
     build_vspbfr_task,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_NET = {"style_dim": 32, "n_mlp": 2, "channel_divisor": 16}
 TINY_ARC = ArcFaceConfig(layers=(1, 1, 1, 1), base_width=8, embedding_dim=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ from priorface.models.xpsr_controlnet import xpsr_controlnet_class  # noqa: E402
 from priorface.models.xpsr_dfc import DFC_WEIGHT, PAPER_LATENT_HEADS, dfc_loss  # noqa: E402
 from priorface.models.xpsr_unet import freeze_for_xpsr_training, xpsr_unet_class, xpsr_unet_from_sd  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
 # SD1.5 structure at 1/20 width: block channels differ between blocks 1 and 2 like 640/1280, so the
 # pixel-attention key widths (skip channels) are distinguishable.
 TINY = dict(
@@ -40,15 +42,6 @@ TINY = dict(
 )
 SD15 = dict(cross_attention_dim=768, sample_size=64)  # the rest are diffusers' defaults = SD1.5
 SFA_PARTS = ("attentions_lowlevel", "attentions_connect", "to_rgbs", "conv_degradation")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads; on a busy CPU OpenMP spin-waits made them 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

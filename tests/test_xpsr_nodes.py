@@ -21,18 +21,12 @@ from priorface.inference.model_files import ModelFileNotFoundError  # noqa: E402
 from priorface.inference.priors.bundle import PriorBundle  # noqa: E402
 from priorface.inference.xpsr_loading import base_choices, xpsr_checkpoint_names, xpsr_choices  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
 ROOT = Path(__file__).resolve().parents[1]
 WHOLE = ROOT.parent / "shared" / "data" / "faces" / "whole"
 WORKFLOWS = ("xpsr_upscale.json", "xpsr_face_restore.json")
 SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -38,6 +38,8 @@ from priorface.inference.xpsr_vae import decode_latents, encode_latents  # noqa:
 from priorface.models.xpsr_controlnet import xpsr_controlnet_class  # noqa: E402
 from priorface.models.xpsr_unet import xpsr_unet_from_sd  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
 FAST = SamplerSettings(
     steps=3, guidance=4.5, seed=7, process_size=0, latent_tile=0, vae_encode_tile=0, vae_decode_tile=0
 )
@@ -53,14 +55,6 @@ SD15_SCHEDULER = {  # stable-diffusion-v1-5/scheduler/scheduler_config.json (PND
     "trained_betas": None,
     "clip_sample": False,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -26,17 +26,10 @@ from priorface.models.xpsr_unet import freeze_for_xpsr_training  # noqa: E402
 from priorface.training.loop import TrainConfig, make_optimizer, train  # noqa: E402
 from priorface.training.xpsr_task import XPSRTask, XPSRTaskConfig  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
+
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # 8x8 latent: the tiny UNet's three downsamples reach 1x1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from threads; on a busy CPU OpenMP spin-waits made them far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

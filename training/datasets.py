@@ -133,7 +133,7 @@ class FaceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         path, rel = self.files[index]
         cfg = self.config
-        hq = self._load_hq(path, rel)
+        hq = self.load_hq(path, rel)
         seed = item_seed(cfg.seed, self.epoch, index)
         stem = str(Path(rel).with_suffix(""))
         if cfg.degradation == "precomputed":
@@ -158,7 +158,7 @@ class FaceDataset(torch.utils.data.Dataset):
             item["priors"] = self._load_priors(stem)
         return item
 
-    def _load_hq(self, path: Path, rel: str) -> torch.Tensor:
+    def load_hq(self, path: Path, rel: str) -> torch.Tensor:
         """HQ face as [1,3,size,size]: resized, or aligned to the chosen template."""
         image = load_image(path).unsqueeze(0)
         cfg = self.config

@@ -65,7 +65,7 @@ class BlindFaceDataset(FaceDataset):
 
     def __getitem__(self, index: int) -> dict:
         path, rel = self.files[index]
-        hq = self._load_hq(path, rel)[0]  # resize or re-align exactly as FaceDataset does
+        hq = self.load_hq(path, rel)[0]  # resize or re-align exactly as FaceDataset does
         seed = item_seed(self.config.seed, self.epoch, index)
         params: dict = {"mode": "blind", "seed": seed}
         # The flip gets its own stream so toggling it never changes the degradation draws.
