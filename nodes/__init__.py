@@ -15,6 +15,8 @@ from . import (
     metric_nodes,
     prior_nodes,
     sam_nodes,
+    train_sd_nodes,
+    train_vspbfr_nodes,
     training_nodes,
     utility_nodes,
     vspbfr_nodes,
@@ -37,6 +39,8 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = build_mappings(
         *authface_nodes.NODES,
         *sam_nodes.NODES,
         *training_nodes.NODES,
+        *train_sd_nodes.NODES,
+        *train_vspbfr_nodes.NODES,
         *xpsr_nodes.NODES,
         *vspbfr_nodes.NODES,
     ]

@@ -5,10 +5,16 @@ ComfyUI's progress bar and Cancel button (a cancelled run keeps its last step; q
 again resumes it exactly), and publishes the exported weights into the method's model folder so
 the method's loader lists them without a restart. The run folder (state, log.csv, curves.png,
 samples/) lives in ComfyUI's output directory under ``priorface_training/<method>/<name>``.
+
+Loop settings (optimizer, betas, EMA, precision, intervals) of the AuthFace and VSPBFR nodes are
+read from the shipped job files in configs/, the same files ``priorface train`` runs, so the node
+and the command line train with the official/paper settings.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import shutil
 from pathlib import Path
@@ -20,6 +26,52 @@ from ..training.loop import TrainConfig, train
 from . import comfy_bridge
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+JOBS = Path(__file__).resolve().parents[1] / "configs"
+# Keys of a job file's "train" section that are method settings (the rest are widgets or the run folder).
+LOOP_KEYS = (
+    "optimizer",
+    "betas",
+    "eps",
+    "weight_decay",
+    "lr_schedule",
+    "warmup_steps",
+    "grad_accum",
+    "grad_clip",
+    "ema_decay",
+    "precision",
+    "val_every",
+    "ckpt_every",
+)
+
+
+@functools.cache
+def shipped_job(name: str) -> dict:
+    """A shipped job file, e.g. ``shipped_job("authface/stage1")`` reads configs/authface/stage1.json."""
+    path = JOBS / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"shipped training config {path} is missing; reinstall PriorFace")
+    return json.loads(path.read_text())
+
+
+def job_loop_settings(name: str) -> dict:
+    """The loop settings of a shipped job (optimizer, betas, EMA, precision, grad_accum, intervals)."""
+    train_section = shipped_job(name)["train"]
+    settings = {k: train_section[k] for k in LOOP_KEYS if k in train_section}
+    if "betas" in settings:
+        settings["betas"] = tuple(settings["betas"])
+    return settings
+
+
+def job_defaults(name: str) -> dict:
+    """Widget defaults (steps, batch_size, lr) of a shipped job."""
+    t = shipped_job(name)["train"]
+    return {"steps": t["steps"], "batch_size": t["batch_size"], "lr": t["lr"]}
+
+
+def job_task_settings(name: str, keys: tuple[str, ...]) -> dict:
+    """The named task settings of a shipped job (copied, so callers may change them)."""
+    task = shipped_job(name)["task_config"]
+    return json.loads(json.dumps({k: task[k] for k in keys if k in task}))
 
 
 def check_run_name(name: str) -> str:
@@ -78,6 +130,7 @@ class TrainingNodeBase:
     EXPORT_SUFFIX = ".safetensors"  # "" when the export is a folder
     DEFAULTS = {"steps": 1000, "batch_size": 4, "lr": 1e-4}
     LOOP_INPUTS: tuple[str, ...] = ()  # method inputs that are loop settings (e.g. grad_accum)
+    JOB = ""  # shipped job file (configs/<JOB>.json) whose loop settings train_config uses
 
     @classmethod
     def IS_CHANGED(cls, **kwargs):
@@ -145,8 +198,13 @@ class TrainingNodeBase:
         raise NotImplementedError
 
     def train_config(self, out_dir: Path, **loop_args) -> TrainConfig:
-        """Loop settings; subclasses add method defaults (optimizer, EMA, intervals)."""
-        return TrainConfig(out_dir=str(out_dir), **loop_args)
+        """Loop settings: the shipped job's (when JOB is set), overridden by the widgets."""
+        settings = job_loop_settings(self.JOB) if self.JOB else {}
+        return TrainConfig(out_dir=str(out_dir), **{**settings, **loop_args})
+
+    def source_files(self) -> list[Path]:
+        """Model files the last built task reads (publishing must never overwrite one of them)."""
+        return list(getattr(self, "_sources", []))
 
     def run(self, save_name, steps, batch_size, learning_rate, seed, resume, max_minutes, **task_args):
         name = check_run_name(save_name)
@@ -164,8 +222,15 @@ class TrainingNodeBase:
             **loop_extra,
         )
         task = self.build_task(**task_args)
-        train(task, cfg, resume=resume)
         target = comfy_bridge.LOCATOR.search_dirs(self.MODEL_KEY)[0] / (name + self.EXPORT_SUFFIX)
+        for source in self.source_files():
+            if source.resolve() == target.resolve():
+                raise ValueError(
+                    f"save name {name!r} would overwrite the input {source}; choose another save name"
+                )
+        # ComfyUI runs every node under torch.inference_mode(); training needs autograd back.
+        with torch.inference_mode(False), torch.enable_grad():
+            train(task, cfg, resume=resume)
         published = publish(out / ("latest" + self.EXPORT_SUFFIX), target)
         return (str(published), _png_image(out / "curves.png"), _png_image(_latest_png(out / "samples")))
 
@@ -252,119 +317,42 @@ class LLVFSRTrainNode(TrainingNodeBase):
         )
 
 
-class XPSRTrainNode(TrainingNodeBase):
-    """Trains the XPSR ControlNet + pixel attention on HQ faces over a frozen SD1.5."""
+def _file_input(tooltip: str) -> tuple:
+    return ("STRING", {"default": "", "tooltip": tooltip})
 
-    NODE_ID = "PriorFaceTrainXPSR"
-    DISPLAY_NAME = "PriorFace Train XPSR"
-    DESCRIPTION = (
-        "Trains XPSR's ControlNet (Semantic-Fusion Attention) and the UNet's conditional attention on a frozen "
-        "SD1.5: noise MSE + 0.05 x Degradation-Free Constraint, AdamW 5e-5 / wd 1e-2 (official settings), "
-        "Real-ESRGAN degradations on the fly. High/low prompts come from folders of <name>.txt files (e.g. "
-        "written by the prior extraction batch) or one fixed text. Needs a GPU in practice; the result (unet/ + "
-        "controlnet/) appears in the XPSR Loader's list."
+
+def _optional_folder(text: str, what: str) -> list[str]:
+    """[folder] when the widget names one, [] when it is empty."""
+    return [str(_existing_folder(text, what))] if text.strip() else []
+
+
+def _optional_file(text: str, what: str) -> str | None:
+    """The file a widget names (checked), or None when it is empty."""
+    if not text.strip():
+        return None
+    path = Path(text.strip()).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: file {text!r} does not exist (give an absolute path)")
+    return str(path)
+
+
+def _float_input(default: float, tooltip: str, lo: float = 0.0, hi: float = 1e4, step: float = 0.01) -> tuple:
+    return ("FLOAT", {"default": float(default), "min": lo, "max": hi, "step": step, "tooltip": tooltip})
+
+
+def _grad_accum_input(default: int) -> tuple:
+    return (
+        "INT",
+        {
+            "default": int(default),
+            "min": 1,
+            "max": 256,
+            "tooltip": "Batches per optimizer step (effective batch = batch_size x grad_accum).",
+        },
     )
-    TASK = "xpsr"
-    MODEL_KEY = "priorface_xpsr"
-    EXPORT_SUFFIX = ""  # a checkpoint folder
-    LOOP_INPUTS = ("grad_accum",)
-    DEFAULTS = {"steps": 20000, "batch_size": 2, "lr": 5e-5}
-
-    @classmethod
-    def task_inputs(cls) -> dict:
-        from ..inference.xpsr_loading import base_choices
-        from ..models.xpsr_attention import SFA_MODES
-
-        bases = base_choices(comfy_bridge.LOCATOR)
-        return {
-            "base_model": (bases, {"default": bases[0], "tooltip": "SD1.5 single file or diffusers folder."}),
-            "train_folder": _folder_input("Folder of aligned HQ face images."),
-            "val_folder": _folder_input("Optional held-out faces for sample grids and PSNR."),
-            "size": (
-                "INT",
-                {"default": 512, "min": 64, "max": 1024, "step": 64, "tooltip": "HR side in pixels."},
-            ),
-            "high_prompts_folder": _folder_input(
-                "Folder of <name>.txt high-level prompts (empty: use the text below)."
-            ),
-            "low_prompts_folder": _folder_input(
-                "Folder of <name>.txt low-level prompts (empty: use the text below)."
-            ),
-            "high_prompt": (
-                "STRING",
-                {"default": "a photo of a face", "tooltip": "Fixed high-level prompt."},
-            ),
-            "low_prompt": ("STRING", {"default": "", "tooltip": "Fixed low-level prompt."}),
-            "sfa_mode": (
-                list(SFA_MODES),
-                {"default": "parallel", "tooltip": "Semantic-Fusion Attention variant."},
-            ),
-            "dfc_mode": (
-                ["official", "paper"],
-                {"default": "official", "tooltip": "DFC heads: 3 + 13 or 3 + 3."},
-            ),
-            "grad_accum": (
-                "INT",
-                {"default": 16, "min": 1, "max": 256, "tooltip": "Batches per optimizer step."},
-            ),
-            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Less memory, slower."}),
-        }
-
-    def train_config(self, out_dir: Path, **loop_args) -> TrainConfig:
-        return TrainConfig(
-            out_dir=str(out_dir),
-            optimizer="adamw",
-            weight_decay=1e-2,
-            betas=(0.9, 0.999),
-            grad_clip=1.0,
-            precision="fp16",
-            val_every=1000,
-            ckpt_every=500,
-            **loop_args,
-        )
-
-    def build_task(
-        self,
-        base_model,
-        train_folder,
-        val_folder,
-        size,
-        high_prompts_folder,
-        low_prompts_folder,
-        high_prompt,
-        low_prompt,
-        sfa_mode,
-        dfc_mode,
-        gradient_checkpointing,
-    ):
-        from ..inference.xpsr_loading import resolve_base
-        from ..training.xpsr_task import XPSRTask, XPSRTaskConfig
-
-        base = resolve_base(comfy_bridge.LOCATOR, base_model)
-        tokenizers = comfy_bridge.comfy_tokenizer_dirs()
-        return XPSRTask(
-            XPSRTaskConfig(
-                base_model=str(base),
-                train_dirs=[str(_existing_folder(train_folder, "train_folder"))],
-                val_dirs=[str(_existing_folder(val_folder, "val_folder"))] if val_folder.strip() else [],
-                tokenizer_dirs=[str(tokenizers)] if tokenizers and not base.is_dir() else [],
-                size=size,
-                high_prompts=str(_existing_folder(high_prompts_folder, "high_prompts_folder"))
-                if high_prompts_folder.strip()
-                else None,
-                low_prompts=str(_existing_folder(low_prompts_folder, "low_prompts_folder"))
-                if low_prompts_folder.strip()
-                else None,
-                high_prompt=high_prompt,
-                low_prompt=low_prompt,
-                sfa_mode=sfa_mode,
-                dfc_mode=dfc_mode,
-                gradient_checkpointing=gradient_checkpointing,
-                export_dtype="fp16",
-            )
-        )
 
 
+# -- AuthFace ---------------------------------------------------------------------------------------
 def _existing_folder(text: str, what: str) -> Path:
     path = Path(text.strip()).expanduser()
     if not text.strip() or not path.is_dir():
@@ -372,4 +360,4 @@ def _existing_folder(text: str, what: str) -> Path:
     return path
 
 
-NODES = [LLVFSRTrainNode, XPSRTrainNode]
+NODES = [LLVFSRTrainNode]

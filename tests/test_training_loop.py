@@ -118,8 +118,11 @@ def test_learning_rate_schedules():
 
 
 def test_batch_larger_than_data_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="batch size"):
+    with pytest.raises(ValueError, match="lower batch_size or grad_accum"):
         train(_Task(), _cfg(tmp_path, batch_size=100))
+    # 24 items = 6 batches of 4: accumulating 8 of them per step would never complete a step.
+    with pytest.raises(ValueError, match="needs 8 batch"):
+        train(_Task(), _cfg(tmp_path / "accum", grad_accum=8))
 
 
 class _GanTask(_Task):

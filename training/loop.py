@@ -280,9 +280,10 @@ def train(task: TrainTask, cfg: TrainConfig, resume: bool = True) -> dict[str, A
     csv_log = CsvLog(out / LOG_FILE, counters["step"] if resumed else None)
     dataset = task.train_set()
     per_epoch = len(dataset) // cfg.batch_size
-    if per_epoch == 0:
+    if per_epoch < max(1, cfg.grad_accum):
         raise ValueError(
-            f"batch size {cfg.batch_size} is larger than the training set ({len(dataset)} items)"
+            f"one optimizer step needs {cfg.grad_accum} batch(es) of {cfg.batch_size}, but the training set "
+            f"has {len(dataset)} items: lower batch_size or grad_accum, or add images"
         )
     run_config = {"train": asdict(cfg), "task": task.config(), "task_name": task.name}
 
