@@ -39,6 +39,7 @@ BUILTIN_WIDGETS = {
         ["LATENT"],
     ),
     "VAEDecode": ([], ["IMAGE"]),
+    "ImageScale": (["upscale_method", "width", "height", "crop"], ["IMAGE"]),
 }
 BUILTIN_INPUTS = {
     "SaveImage": {"images": "IMAGE"},
@@ -63,6 +64,7 @@ BUILTIN_INPUTS = {
         "latent_image": "LATENT",
     },
     "VAEDecode": {"samples": "LATENT", "vae": "VAE"},
+    "ImageScale": {"image": "IMAGE"},
 }
 
 

@@ -173,20 +173,160 @@ def test_workflows_are_listed_as_templates(server):
     assert any(n["type"] == "PriorFaceDetectFaces" for n in served["nodes"])
 
 
-def test_full_prior_workflow_only_lacks_its_model_files(server):
+API_TWINS = sorted((REPO_ROOT / "workflows" / "api").glob("*.json"))
+# Inputs whose options are the files of a model folder (PriorFace loaders and ComfyUI's own): a shipped
+# workflow names the file its note tells the user to add, which this bare server does not have.
+MODEL_FILE_INPUTS = {
+    "model_name",
+    "sam_name",
+    "weights",
+    "detector",
+    "style_codec",
+    "code_diffuser",
+    "restoration_net",
+    "checkpoint",
+    "ckpt_name",
+    "control_net_name",
+}
+
+
+def _validate_only(graph: dict, info: dict) -> tuple[dict, set, set]:
+    """The graph with every output node made invalid on purpose, so the server validates but never runs it.
+
+    ComfyUI queues a prompt as soon as one output validates, so each output gets a known complaint:
+    PreviewImage becomes a SaveImage without its filename_prefix; another output loses a widget input
+    that names no model file, or, without widgets, gets one of its link inputs pointed at its own output
+    of another type; an output with neither (PreviewAny) is dropped. Returns (graph, sentinels as
+    (node id, input name, complaint), ids of nodes no sentinel reaches, which the server would not check).
+    """
+    graph = json.loads(json.dumps(graph))
+    sentinels = set()
+    for node_id, node in list(graph.items()):
+        spec = info[node["class_type"]]
+        if not spec.get("output_node"):
+            continue
+        if node["class_type"] == "PreviewImage":
+            node["class_type"] = "SaveImage"
+            sentinels.add((node_id, "filename_prefix", "required_input_missing"))
+            continue
+        required = spec["input"].get("required", {})
+        widgets = [
+            n
+            for n in required
+            if n in node["inputs"] and not isinstance(node["inputs"][n], list) and n not in MODEL_FILE_INPUTS
+        ]
+        own_type = spec["output"][0] if spec["output"] else None
+        links = {**spec["input"].get("optional", {}), **required}  # optional inputs first
+        mistyped = [n for n, e in links.items() if isinstance(e[0], str) and e[0] not in ("*", own_type)]
+        if widgets:
+            del node["inputs"][widgets[-1]]
+            sentinels.add((node_id, widgets[-1], "required_input_missing"))
+        elif own_type and mistyped:
+            node["inputs"][mistyped[0]] = [node_id, 0]
+            sentinels.add((node_id, mistyped[0], "return_type_mismatch"))
+        else:
+            del graph[node_id]
+    reached, todo = set(), [node_id for node_id, _name, _kind in sentinels]
+    while todo:
+        node_id = todo.pop()
+        if node_id in reached:
+            continue
+        reached.add(node_id)
+        todo += [v[0] for v in graph[node_id]["inputs"].values() if isinstance(v, list) and v[0] != node_id]
+    return graph, sentinels, set(graph) - reached
+
+
+@pytest.mark.parametrize("path", API_TWINS, ids=lambda p: p.name)
+def test_shipped_workflow_only_lacks_its_model_files(server, path):
     """Validated by the real server: the only complaints are the model files a user must add."""
     import urllib.error
 
     url, base, _log = server
-    (base / "input" / "example.png").write_bytes((base / "input" / "rgba.png").read_bytes())
-    graph = json.loads((REPO_ROOT / "workflows" / "api" / "priors_preview_full.json").read_text())
+    graph = json.loads(path.read_text())
+    for node in graph.values():
+        if node["class_type"] == "LoadImage" and not (base / "input" / node["inputs"]["image"]).is_file():
+            (base / "input" / node["inputs"]["image"]).write_bytes((base / "input" / "rgba.png").read_bytes())
+    info = _get(url + "/object_info")
+    probe, sentinels, unreached = _validate_only(graph, info)
+    assert not unreached, f"nodes that only feed a PreviewAny escape validation: {sorted(unreached)}"
+    # What the server must complain about: model-file values missing from its (empty) model folders.
+    expected = set()
+    for node_id, node in probe.items():
+        spec = info[node["class_type"]]["input"]
+        options = {**spec.get("required", {}), **spec.get("optional", {})}
+        for name, value in node["inputs"].items():
+            if (
+                name in MODEL_FILE_INPUTS
+                and isinstance(options[name][0], list)
+                and value not in options[name][0]
+            ):
+                expected.add((node_id, name, "value_not_in_list"))
     with pytest.raises(urllib.error.HTTPError) as err:
-        _post(url + "/prompt", {"prompt": graph, "client_id": "priorface-test"})
+        _post(url + "/prompt", {"prompt": probe, "client_id": "priorface-test"})
     body = json.loads(err.value.read())
+    assert body["error"]["type"] == "prompt_outputs_failed_validation", body["error"]
     problems = {
-        (node["class_type"], e["extra_info"]["input_name"], e["type"])
-        for node in body["node_errors"].values()
+        (node_id, e["extra_info"]["input_name"], e["type"])
+        for node_id, node in body["node_errors"].items()
         for e in node["errors"]
     }
-    assert problems and all(kind == "value_not_in_list" for _c, _i, kind in problems), problems
-    assert {name for _c, name, _k in problems} <= {"model_name", "sam_name"}, problems
+    planted = set(sentinels)
+    assert planted <= problems, f"validation did not reach every output: {sorted(planted - problems)}"
+    assert problems - planted == expected, f"unexpected complaints: {sorted(problems - planted - expected)}"
+
+
+@pytest.mark.skipif(not FFHQ_FACE.is_file(), reason="shared FFHQ face not present")
+def test_compare_methods_runs_with_the_llvfsr_branch(server):
+    """The comparison workflow, other methods removed, scores LLV-FSR exactly as the library does."""
+    if not (REPO_ROOT / "weights" / "llvfsr-x8.safetensors").is_file():
+        pytest.skip("embedded LLV-FSR weights not present")
+    from PIL import Image
+
+    url, base, _log = server
+    reference = Image.open(FFHQ_FACE).convert("RGB")
+    degraded = reference.resize((64, 64), Image.BICUBIC)  # x8 from 512
+    degraded.save(base / "input" / "degraded.png")
+    reference.save(base / "input" / "reference.png")
+    graph = json.loads((REPO_ROOT / "workflows" / "api" / "compare_methods.json").read_text())
+    other = ("PriorFaceVSPBFR", "PriorFaceXPSR", "PriorFaceAuthFace")
+    graph = {k: v for k, v in graph.items() if not v["class_type"].startswith(other)}
+    compare_id = next(k for k, v in graph.items() if v["class_type"] == "PriorFaceCompareMethods")
+    compare = graph[compare_id]["inputs"]
+    for name in [n for n, v in compare.items() if isinstance(v, list) and v[0] not in graph]:
+        del compare[name]
+    assert sorted(n for n in compare if n.startswith("method_")) == ["method_1"], compare
+    for node in graph.values():
+        if node["class_type"] == "LoadImage":
+            is_reference = node["_meta"]["title"].startswith("Reference")
+            node["inputs"]["image"] = "reference.png" if is_reference else "degraded.png"
+    result = _run(url, graph, timeout=300)
+    assert result["status"]["status_str"] == "success", result["status"]
+    table = result["outputs"][compare_id]["text"][0]
+    match = re.search(r"face 0 \| LLV-FSR: ([\d.]+) dB  SSIM ([\d.]+), ID dist ([\d.]+)", table)
+    assert match, table
+    got_psnr, got_ssim, got_id = map(float, match.groups())
+    saver = next(k for k, v in graph.items() if v["class_type"] == "SaveImage")
+    saved = result["outputs"][saver]["images"][0]
+    grid = Image.open(base / "output" / saved.get("subfolder", "") / saved["filename"])
+    assert grid.width >= 3 * 512 and grid.height >= 512, grid.size  # degraded, LLV-FSR, reference
+    assert got_id < 0.6, table  # the same person
+
+    # The same pipeline in-process: bicubic 512 copy, UTKFace re-alignment, LLV-FSR, paste back.
+    import numpy as np
+    import torch
+
+    from priorface.inference.face_pipeline import crop_faces, paste_back
+    from priorface.inference.llvfsr_restore import embedded_weights, load_llvfsr_model, upscale_faces
+    from priorface.inference.metrics.psnr_ssim import psnr
+
+    def tensor(img):
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+    big = torch.nn.functional.interpolate(tensor(degraded), size=(512, 512), mode="bicubic").clamp(0, 1)
+    crops, data = crop_faces(big, "dlib", None, "utkface", 128, max_faces=1, sort="largest")
+    out = upscale_faces(load_llvfsr_model(embedded_weights("llvfsr-x8")), crops)
+    restored = paste_back(big, out, data, feather=0.05, color_correction="wavelet")
+    want = float(psnr(restored, tensor(reference))[0])
+    assert abs(got_psnr - want) < 0.02, (got_psnr, want)
+    baseline = float(psnr(big, tensor(reference))[0])
+    assert want > baseline - 3.0 and 0.5 < got_ssim <= 1.0, (want, baseline, got_ssim)
