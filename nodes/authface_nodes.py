@@ -12,6 +12,7 @@ from ..inference.images import bchw_to_image, image_to_bchw
 from ..inference.model_files import MODEL_KINDS, ModelFileNotFoundError
 from . import comfy_bridge
 from .face_nodes import EMBEDDED_DETECTOR, detector_choices, resolve_detector
+from .node_inputs import upscale_input
 
 MODEL_TYPE = "PRIORFACE_AUTHFACE"
 _CATEGORY = "PriorFace/AuthFace"
@@ -265,16 +266,7 @@ class AuthFaceRestorePhotoNode:
                         "tooltip": "Face crop size.",
                     },
                 ),
-                "upscale": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 1.0,
-                        "max": 8.0,
-                        "step": 0.5,
-                        "tooltip": "Upscale the whole photo.",
-                    },
-                ),
+                "upscale": upscale_input(),
                 **_sampler_inputs(),
             },
             "optional": dict(_PROMPTS),

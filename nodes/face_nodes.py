@@ -10,6 +10,7 @@ from ..inference.face_detection import SORT_ORDERS
 from ..inference.face_pipeline import crop_faces, draw_detections, paste_back
 from ..inference.images import bchw_to_image, image_to_bchw, mask_to_bhw
 from . import comfy_bridge
+from .node_inputs import upscale_input
 
 EMBEDDED_DETECTOR = "dlib (embedded, no download)"
 FACES_TYPE = "PRIORFACE_FACES"
@@ -178,16 +179,7 @@ class PasteFacesNode:
                 "image": ("IMAGE", {"tooltip": "The original photos given to Detect & Crop Faces."}),
                 "restored": ("IMAGE", {"tooltip": "Restored crops, one per face, any square size."}),
                 "faces": (FACES_TYPE, {"tooltip": "The faces output of Detect & Crop Faces."}),
-                "upscale": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 1.0,
-                        "max": 8.0,
-                        "step": 0.5,
-                        "tooltip": "Upscale the whole photo (bicubic background) by this factor.",
-                    },
-                ),
+                "upscale": upscale_input(),
                 "feather": (
                     "FLOAT",
                     {

@@ -14,6 +14,7 @@ from ..inference.llvfsr_restore import (
 )
 from . import comfy_bridge
 from .face_nodes import EMBEDDED_DETECTOR, detector_choices, resolve_detector
+from .node_inputs import strength_input, upscale_input
 
 MODEL_TYPE = "PRIORFACE_LLVFSR"
 _EMBEDDED_SUFFIX = " (embedded)"
@@ -120,26 +121,8 @@ class LLVFSRRestorePhotoNode:
                 "llvfsr": (MODEL_TYPE, {"tooltip": "From LLV-FSR Loader."}),
                 "image": ("IMAGE", {"tooltip": "Photos with faces."}),
                 "detector": (detector_choices(), {"default": EMBEDDED_DETECTOR, "tooltip": "Face detector."}),
-                "upscale": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 1.0,
-                        "max": 8.0,
-                        "step": 0.5,
-                        "tooltip": "Upscale the whole photo by this factor (background bicubic).",
-                    },
-                ),
-                "strength": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.05,
-                        "tooltip": "Blend of restored (1) and original (0) faces.",
-                    },
-                ),
+                "upscale": upscale_input(),
+                "strength": strength_input(),
                 "color_correction": (
                     list(COLOR_CORRECTIONS),
                     {"default": "wavelet", "tooltip": "Keep the original colours of each face."},
