@@ -1,12 +1,31 @@
-"""Training LLV-FSR with the generic loop: data, embedded priors, L1 loss, validation, export.
+"""Training LLV-FSR with the generic loop: data, priors, L1 loss, validation, export.
 
-Priors are the embedded defaults (nothing downloaded): the facial-region mask drawn from 5
-landmarks (precomputed for the training faces by ``scripts/face_landmarks.py``; faces without
-detected landmarks, and the validation faces, use the alignment template's points, which is what
-an aligned crop has at inference when no landmarks are passed) and MiniLM embeddings of template
-captions (UTKFace labels; "a photo of a face" without labels). The paper computes priors from the
-LR face at inference; here the mask geometry comes from landmarks, which the face pipeline detects
-on the whole photo, not on the 16-px LR crop.
+Two sources of priors:
+
+- Embedded (default, nothing downloaded), computed on the fly: the facial-region mask drawn from 5
+  landmarks (precomputed for the training faces by ``scripts/face_landmarks.py``; faces without
+  detected landmarks, and the validation faces, use the alignment template's points, which is what
+  an aligned crop has at inference when no landmarks are passed) and MiniLM embeddings of template
+  captions (UTKFace labels; "a photo of a face" without labels). The paper computes priors from the
+  LR face at inference; here the mask geometry comes from landmarks, which the face pipeline
+  detects on the whole photo, not on the 16-px LR crop.
+- Cached (``priors_dir``): one prior file per training face, written by ``priorface priors`` with
+  any extractors (BLIP-2/LLaVA texts embedded by CLIP, SAM mask, Depth-Anything depth, or the
+  embedded ones); see :mod:`.llvfsr_cached_priors`. The model config (mask classes, text width,
+  prior branches) and the ``trained_with`` record follow what the files hold, so inference refuses
+  priors from other extractors. ``priors`` picks the forward inputs used (mask, depth, caption,
+  description).
+
+Cached priors and degradation (a choice): the files must be computed from the degraded face, as
+at inference (``--degradation`` = the task's degradation, ``--size`` = its size; anything else is
+refused or warned about). They come from ONE fixed degradation per image (the batch's seed),
+while the training LQ is drawn afresh every epoch: for the deterministic bicubic modes both are the
+same image; for random modes (blind) the priors describe a sibling LQ of the same strength, which
+keeps the per-epoch augmentation at the price of a slightly looser prior/input pairing. Validation
+faces, by contrast, are degraded exactly as their cached priors were (seed from the prior file).
+The training faces are used as they are (resized to ``size``, as ``priorface priors --size`` does),
+so ``align_train`` must be off. The validation faces are reframed onto ``template``: write them
+with :meth:`LLVFSRTask.write_val_faces` and extract ``val_priors_dir`` from that folder.
 """
 
 from __future__ import annotations
@@ -21,10 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from ..inference.face_align import template_points
-from ..inference.images import resize_bchw
+from ..inference.images import list_images, resize_bchw
 from ..inference.llvfsr_restore import run_batched
 from ..models.llvfsr import build_llvfsr, save_llvfsr
 from .datasets import FaceDataset, FaceDatasetConfig
+from .llvfsr_cached_priors import FILE_PRIOR, CachedPriors, cached_forward_kwargs, scan_prior_files
 from .loop import TrainTask
 
 log = logging.getLogger(__name__)
@@ -51,15 +71,22 @@ class LLVFSRTaskConfig:
     max_train_items: int | None = None
     val_seed: int = 1234  # fixed degradation of the validation faces
     samples: int = 4  # validation faces shown in the sample grid
+    # cached prior files (priorface priors FACES --out DIR ...) instead of the embedded priors;
+    # priors then names forward inputs among mask, depth, caption, description
+    priors_dir: str | None = None
+    val_priors_dir: str | None = None  # the same for the validation faces (see write_val_faces)
 
 
 class LLVFSRTask(TrainTask):
-    """LLV-FSR on HQ face folders with embedded priors."""
+    """LLV-FSR on HQ face folders with embedded or cached priors."""
 
     name = "llvfsr"
 
     def __init__(self, cfg: LLVFSRTaskConfig):
+        if cfg.priors_dir:
+            _check_cached_config(cfg)
         self.cfg = cfg
+        self._cached: CachedPriors | None = None
         self._landmarks = json.loads(Path(cfg.landmarks_json).read_text()) if cfg.landmarks_json else {}
         self._caption_cache: dict[str, Any] = {}
         self._encoder = None
@@ -71,8 +98,52 @@ class LLVFSRTask(TrainTask):
         from ..inference.priors.landmark_mask import MASK_LABELS
         from ..models.llvfsr import llvfsr_config
 
+        if self.cfg.priors_dir:
+            return llvfsr_config(self.cfg.preset, **self._cached_overrides())
         overrides = {"mask_classes": len(MASK_LABELS), "text_dim": 384, **self.cfg.model}
         return llvfsr_config(self.cfg.preset, **overrides)
+
+    def _cached_overrides(self) -> dict:
+        """cfg.model plus what the prior files impose (a conflicting value is an error)."""
+        from ..models.llvfsr_blocks import PRIOR_NAMES
+
+        cached = self._cache()
+        imposed = {}
+        if "mask" in self.cfg.priors:
+            imposed["mask_classes"] = cached.mask_classes
+        if {"caption", "description"} & set(self.cfg.priors):
+            imposed["text_dim"] = cached.text_dim
+        for key, value in imposed.items():
+            if key in self.cfg.model and self.cfg.model[key] != value:
+                raise ValueError(
+                    f"model.{key} is {self.cfg.model[key]} but the prior files in {cached.folder} hold "
+                    f"{value}; leave it out (it follows the files)"
+                )
+        # Branches of priors the run does not use are not built (no untrained weights in the file).
+        unused = [p for p in PRIOR_NAMES if p not in self.cfg.priors]
+        return {"disabled_priors": unused, **self.cfg.model, **imposed}
+
+    def _used_priors(self) -> list[str]:
+        """Forward inputs fed from the cache: selected and with a branch in the model."""
+        enabled = self.model_config().enabled_priors
+        return [p for p in self.cfg.priors if p in enabled]
+
+    def _cache(self) -> CachedPriors:
+        """What the training prior files hold (scanned once; raises on missing or mixed files)."""
+        if self._cached is None:
+            # The files FaceDataset takes (split "all", first max_train_items), without building it:
+            # building it asks for the model config, which needs this scan.
+            files = list_images(list(self.cfg.train_dirs))[: self.cfg.max_train_items]
+            stems = [str(Path(rel).with_suffix("")) for _p, rel in files]
+            self._cached = scan_prior_files(
+                self.cfg.priors_dir, stems, list(self.cfg.priors), self.cfg.degradation, self.cfg.size
+            )
+            log.info(
+                "cached priors from %s: %s",
+                self.cfg.priors_dir,
+                {n: s["extractor"] for n, s in self._cached.sources.items()},
+            )
+        return self._cached
 
     def build_model(self) -> torch.nn.Module:
         return build_llvfsr(self.model_config())
@@ -81,6 +152,9 @@ class LLVFSRTask(TrainTask):
         """Provenance of each prior the model sees, stored in its weights file."""
         from ..inference.priors.landmark_mask import MASK_EXTRACTOR_ID, MASK_SETTINGS
 
+        if self.cfg.priors_dir:
+            sources = self._cache().sources
+            return {FILE_PRIOR[p]: dict(sources[FILE_PRIOR[p]]) for p in self._used_priors()}
         out = {}
         if "mask" in self.cfg.priors:
             out["mask"] = {"extractor": MASK_EXTRACTOR_ID, "settings": MASK_SETTINGS}
@@ -103,6 +177,11 @@ class LLVFSRTask(TrainTask):
         return self.cfg.size // mc.scale if mc.upsample == "pixelshuffle" else self.cfg.size
 
     def train_set(self) -> FaceDataset:
+        if self.cfg.priors_dir:
+            self._cache()  # every face has a complete, consistent prior file, or stop now
+        return self._dataset(self.cfg.priors_dir)
+
+    def _dataset(self, priors_dir: str | None) -> FaceDataset:
         return FaceDataset(
             FaceDatasetConfig(
                 hq_dirs=list(self.cfg.train_dirs),
@@ -113,6 +192,7 @@ class LLVFSRTask(TrainTask):
                 max_items=self.cfg.max_train_items,
                 align=self.cfg.template if self.cfg.align_train else "none",
                 landmarks_json=self.cfg.landmarks_json if self.cfg.align_train else None,
+                priors_dir=priors_dir,
             )
         )
 
@@ -171,6 +251,11 @@ class LLVFSRTask(TrainTask):
         if lq.shape[-1] != side:
             lq = resize_bchw(lq, side, side)
         batch = {"hq": torch.stack([it["hq"] for it in items]).to(device), "lq": lq.to(device)}
+        if self.cfg.priors_dir:
+            batch["priors"] = cached_forward_kwargs(
+                [it["priors"] for it in items], self._used_priors(), device
+            )
+            return batch
         batch["priors"] = self.priors_for(
             [it["name"] for it in items], [it["labels"] for it in items], device
         )
@@ -182,20 +267,65 @@ class LLVFSRTask(TrainTask):
         loss = F.l1_loss(out, batch["hq"])
         return loss, {"loss": loss.item()}
 
-    def _val_batch(self) -> dict | None:
-        if self._val is None and self.cfg.val_dirs:
-            ds = FaceDataset(
-                FaceDatasetConfig(
-                    hq_dirs=list(self.cfg.val_dirs),
-                    size=self.cfg.size,
-                    degradation=self.cfg.degradation,
-                    lq_size=self._lq_size(),
-                    split="all",
-                    align=self.cfg.template,
-                    source_template=self.cfg.val_source_template,
-                    seed=self.cfg.val_seed,
-                )
+    def _val_dataset(self, priors_dir: str | None = None) -> FaceDataset:
+        return FaceDataset(
+            FaceDatasetConfig(
+                hq_dirs=list(self.cfg.val_dirs),
+                size=self.cfg.size,
+                degradation=self.cfg.degradation,
+                lq_size=self._lq_size(),
+                split="all",
+                align=self.cfg.template,
+                source_template=self.cfg.val_source_template,
+                seed=self.cfg.val_seed,
+                priors_dir=priors_dir,
             )
+        )
+
+    def write_val_faces(self, out_dir: str | Path) -> Path:
+        """Write the validation HQ faces, framed as the model sees them, as PNG: extract val_priors_dir from them."""
+        from ..inference.images import save_image_file
+
+        if not self.cfg.val_dirs:
+            raise ValueError("this task has no val_dirs: no validation faces to write")
+        ds, out = self._val_dataset(), Path(out_dir)
+        for path, rel in ds.files:
+            save_image_file(ds.load_hq(path, rel)[0], out / f"{Path(rel).with_suffix('').as_posix()}.png")
+        return out
+
+    def _cached_val_items(self) -> list[dict]:
+        """Validation items whose LQ is the exact degradation their cached priors were computed from."""
+        from ..inference.degradations import degrade
+        from ..inference.priors.batch import file_seed
+        from ..inference.priors.bundle_io import read_prior_header
+
+        ds = self._val_dataset(self.cfg.val_priors_dir)
+        stems = [str(Path(rel).with_suffix("")) for _p, rel in ds.files]
+        val = scan_prior_files(
+            self.cfg.val_priors_dir, stems, list(self.cfg.priors), self.cfg.degradation, self.cfg.size
+        )
+        train = self._cache()
+        if json.dumps(val.sources, sort_keys=True) != json.dumps(train.sources, sort_keys=True):
+            raise ValueError(
+                f"validation priors in {self.cfg.val_priors_dir} come from {val.sources}, the training "
+                f"priors in {self.cfg.priors_dir} from {train.sources}; extract both with the same extractors"
+            )
+        items = []
+        for i, stem in enumerate(stems):
+            item = ds[i]
+            extra = read_prior_header(Path(self.cfg.val_priors_dir) / f"{stem}.safetensors")[1].get(
+                "extra", {}
+            )
+            seed = file_seed(extra.get("run", {}).get("seed") or 0, extra.get("source", ""))
+            item["lq"] = degrade(item["hq"][None], self.cfg.degradation, seed, self._lq_size())[0][0]
+            items.append(item)
+        return items
+
+    def _val_batch(self) -> dict | None:
+        if self._val is None and self.cfg.val_dirs and self.cfg.priors_dir:
+            self._val = self.collate(self._cached_val_items(), torch.device("cpu"))
+        if self._val is None and self.cfg.val_dirs:
+            ds = self._val_dataset()
             items = [ds[i] for i in range(len(ds))]
             # Validation faces carry no landmarks file: template points, as for aligned crops at inference.
             for it in items:
@@ -245,3 +375,20 @@ class LLVFSRTask(TrainTask):
 
     def config(self) -> dict[str, Any]:
         return asdict(self.cfg)
+
+
+def _check_cached_config(cfg: LLVFSRTaskConfig) -> None:
+    """Settings that cannot work with cached priors, refused before anything is loaded."""
+    unknown = sorted(set(cfg.priors) - set(FILE_PRIOR))
+    if unknown or not cfg.priors:
+        raise ValueError(f"priors must be some of {list(FILE_PRIOR)} with priors_dir, got {cfg.priors}")
+    if cfg.align_train:
+        raise ValueError(
+            "align_train must be false with priors_dir: the prior files are computed from the training "
+            "files as they are (resized), not from faces warped with landmarks"
+        )
+    if cfg.val_dirs and not cfg.val_priors_dir:
+        raise ValueError(
+            "val_dirs with priors_dir needs val_priors_dir: cached priors of the validation faces "
+            "(write the faces with LLVFSRTask.write_val_faces, then run priorface priors on that folder)"
+        )
