@@ -10,6 +10,12 @@ With ``degradation`` (a mode of ``inference.degradations``) the priors are compu
 degraded (LQ) face, resized back to the HQ size, as LLV-FSR computes its priors from the LR input at
 inference; each image is degraded with a seed derived from ``seed`` and its relative name, so
 adding files never changes the others. Without it, priors come from the images as they are.
+
+Extractors: the embedded ones (``EMBEDDED_PRIORS``), the model-backed ones of
+:mod:`.batch_models` (SAM, Depth-Anything, BLIP-2, LLaVA, CLIP text; their model paths come in
+``models``), and any registered with :func:`register_extractor`. Two extractors may not set the
+same prior. Extractors that read priors (a text encoder embedding the caption) run after the
+others; a caption/description they need but nobody extracts is the embedded template text.
 """
 
 from __future__ import annotations
@@ -17,8 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +31,7 @@ import torch
 from ...models.checkpoint import write_atomically
 from ..images import IMAGE_SUFFIXES, list_images, load_image_file, resize_bchw
 from ..progress import progress_bar
+from .batch_models import MODEL_EXTRACTORS, ExtraExtractor, ModelOptions, build_model_extractors
 from .bundle import PriorBundle
 from .bundle_io import merge_bundles, present_in_file, read_prior_header, write_prior_file
 from .cache import PriorCache
@@ -38,15 +44,8 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "priors_index.json"
 _EMBEDDINGS = ("caption_embedding", "description_embedding")
-
-
-@dataclass
-class ExtraExtractor:
-    """A prior extractor plugged in by name (e.g. BLIP-2, SAM, depth): faces + labels -> bundle."""
-
-    fn: Callable[[torch.Tensor, list[dict | None]], PriorBundle]
-    priors: tuple[str, ...]  # prior names it sets
-    extractor_id: str | None = None  # id recorded in its sources, checked on resume when known
+_TEXT_OF = {"caption_embedding": "caption", "description_embedding": "description"}
+__all__ = ["ExtraExtractor", "ModelOptions", "extract_priors_for_folder", "register_extractor"]
 
 
 EXTRA_EXTRACTORS: dict[str, ExtraExtractor] = {}
@@ -54,14 +53,14 @@ EXTRA_EXTRACTORS: dict[str, ExtraExtractor] = {}
 
 def register_extractor(name: str, extractor: ExtraExtractor) -> None:
     """Make ``name`` usable in ``extractors=[...]`` and ``--extractors``."""
-    if name in EMBEDDED_PRIORS:
+    if name in EMBEDDED_PRIORS or name in MODEL_EXTRACTORS:
         raise ValueError(f"{name!r} is a built-in extractor name; choose another")
     EXTRA_EXTRACTORS[name] = extractor
 
 
 def extractor_names() -> list[str]:
     """Every name accepted in ``extractors``."""
-    return [*EMBEDDED_PRIORS, *EXTRA_EXTRACTORS]
+    return [*EMBEDDED_PRIORS, *MODEL_EXTRACTORS, *EXTRA_EXTRACTORS]
 
 
 def file_seed(seed: int, relative_name: str) -> int:
@@ -69,12 +68,30 @@ def file_seed(seed: int, relative_name: str) -> int:
     return int.from_bytes(hashlib.sha1(f"{seed}:{relative_name}".encode()).digest()[:4], "big")
 
 
-def _expected_ids(extractors: Sequence[str], text_encoder) -> dict[str, str | None]:
-    """Prior name -> extractor id a complete file must record (None: only presence is checked)."""
-    ids: dict[str, str | None] = {}
+def _check_overlap(extractors: Sequence[str], registry: Mapping[str, ExtraExtractor]) -> None:
+    """Refuse two extractors setting one prior (e.g. mask and sam_mask): the file can hold one."""
+    setter: dict[str, str] = {}
     for name in extractors:
-        if name in EXTRA_EXTRACTORS:
-            ids.update(dict.fromkeys(EXTRA_EXTRACTORS[name].priors, EXTRA_EXTRACTORS[name].extractor_id))
+        for prior in registry[name].priors if name in registry else (name,):
+            if prior in setter:
+                raise ValueError(
+                    f"extractors {setter[prior]!r} and {name!r} both set the {prior!r} prior; keep one"
+                )
+            setter[prior] = name
+
+
+def _expected(
+    extractors: Sequence[str], registry: Mapping[str, ExtraExtractor], text_encoder
+) -> tuple[dict[str, str | None], dict[str, dict]]:
+    """(prior name -> extractor id a complete file must record, None: presence only; -> settings)."""
+    ids: dict[str, str | None] = {}
+    settings: dict[str, dict] = {}
+    for name in extractors:
+        if name in registry:
+            ex = registry[name]
+            ids.update(dict.fromkeys(ex.priors, ex.extractor_id))
+            if ex.settings:
+                settings.update(dict.fromkeys(ex.priors, ex.settings))
     builtin = {
         "mask": MASK_EXTRACTOR_ID,
         "landmarks": DETECTED_LANDMARKS_ID,
@@ -86,10 +103,15 @@ def _expected_ids(extractors: Sequence[str], text_encoder) -> dict[str, str | No
             ids[name] = encoder_identity(text_encoder)[0]
         elif name in builtin:
             ids[name] = builtin[name]
-    return ids
+    return ids, settings
 
 
-def _is_complete(path: Path, expected: dict[str, str | None], run: dict) -> bool:
+def _same(a, b) -> bool:
+    # Compared as JSON: a file read back holds lists where tuples were written.
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def _is_complete(path: Path, expected: dict[str, str | None], settings: dict[str, dict], run: dict) -> bool:
     header = read_prior_header(path)
     if header is None:
         return False
@@ -99,23 +121,34 @@ def _is_complete(path: Path, expected: dict[str, str | None], run: dict) -> bool
     sources = meta.get("sources", {})
     if any(want is not None and sources.get(n, {}).get("extractor") != want for n, want in expected.items()):
         return False
+    for n, want in settings.items():
+        have = sources.get(n, {}).get("settings", {})
+        if not all(_same(have.get(k), v) for k, v in want.items()):
+            return False
     return {k: meta.get("extra", {}).get("run", {}).get(k) for k in run} == run
 
 
-def _extract(images, labels, extractors, text_encoder, template, cache) -> PriorBundle:
-    """All requested priors of one batch: plugged-in extractors first, then the embedded ones."""
+def _extract(images, labels, extractors, registry, text_encoder, template, cache) -> PriorBundle:
+    """All requested priors of one batch: plugged-in extractors, embedded ones, then readers of priors."""
     bundle = PriorBundle(batch_size=images.shape[0])
-    for name in extractors:
-        if name in EXTRA_EXTRACTORS:
-            bundle = merge_bundles(bundle, EXTRA_EXTRACTORS[name].fn(images, labels))
+    plugged = [registry[n] for n in extractors if n in registry]
+    for ex in plugged:
+        if not ex.needs:
+            bundle = merge_bundles(bundle, ex.fn(images, labels))
     embeddings = [n for n in extractors if n in _EMBEDDINGS]
+    needed = {_TEXT_OF[n] for n in embeddings} | {p for ex in plugged for p in ex.needs}
     wanted = [n for n in extractors if n in EMBEDDED_PRIORS and n not in _EMBEDDINGS]
-    wanted += [
-        t for t in ("caption", "description") if f"{t}_embedding" in embeddings and getattr(bundle, t) is None
-    ]
+    wanted += sorted(
+        p
+        for p in needed - set(wanted)
+        if p in EMBEDDED_PRIORS and p not in _EMBEDDINGS and getattr(bundle, p) is None
+    )
     if wanted:
         embedded = extract_embedded_priors(images, wanted, labels=labels, cache=cache, template=template)
         bundle = merge_bundles(embedded, bundle)  # plugged-in priors win (e.g. a BLIP-2 caption)
+    for ex in plugged:
+        if ex.needs:
+            bundle = merge_bundles(bundle, ex.fn(images, labels, bundle))
     if embeddings:
         bundle = embed_texts(bundle, embeddings, text_encoder, cache)
     return bundle
@@ -146,8 +179,13 @@ def extract_priors_for_folder(
     labels_fn: Callable[[str], dict | None] | None = None,
     cache: PriorCache | None = None,
     overwrite: bool = False,
+    models: ModelOptions | None = None,
 ) -> dict:
-    """Write one prior file per image of ``source_dir`` (see module docstring); returns a summary."""
+    """Write one prior file per image of ``source_dir`` (see module docstring); returns a summary.
+
+    ``models``: model paths and settings of the model-backed extractors (``batch_models``).
+    """
+    extractors = list(dict.fromkeys(extractors))
     unknown = sorted(set(extractors) - set(extractor_names()))
     if unknown or not extractors:
         raise ValueError(
@@ -155,6 +193,10 @@ def extract_priors_for_folder(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Model paths are checked before any face is read; registered extractors of the same name win.
+    own = [n for n in extractors if n not in EXTRA_EXTRACTORS]
+    registry = {**build_model_extractors(own, models or ModelOptions(), template), **EXTRA_EXTRACTORS}
+    _check_overlap(extractors, registry)
     src, out = Path(source_dir).expanduser(), Path(out_dir).expanduser()
     files = list_images(src)
     if not files:
@@ -165,9 +207,11 @@ def extract_priors_for_folder(
         "size": size,
         "template": template,
     }
-    expected = _expected_ids(extractors, text_encoder)
+    expected, settings = _expected(extractors, registry, text_encoder)
     target = {rel: out / f"{Path(rel).with_suffix('').as_posix()}.safetensors" for _p, rel in files}
-    pending = [(p, rel) for p, rel in files if overwrite or not _is_complete(target[rel], expected, run)]
+    pending = [
+        (p, rel) for p, rel in files if overwrite or not _is_complete(target[rel], expected, settings, run)
+    ]
     log.info(
         "priors for %d image(s): %d already done, %d to extract",
         len(files),
@@ -177,7 +221,7 @@ def extract_priors_for_folder(
     with progress_bar(len(pending), "Extracting priors") as bar:
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
-            _process_chunk(chunk, target, extractors, run, text_encoder, template, labels_fn, cache)
+            _process_chunk(chunk, target, extractors, registry, run, text_encoder, labels_fn, cache)
             bar.update(len(chunk))
     index = _write_index(out, src, files, target, list(extractors), run)
     return {
@@ -188,7 +232,7 @@ def extract_priors_for_folder(
     }
 
 
-def _process_chunk(chunk, target, extractors, run, text_encoder, template, labels_fn, cache) -> None:
+def _process_chunk(chunk, target, extractors, registry, run, text_encoder, labels_fn, cache) -> None:
     loaded = [_load(p, rel, run["size"], run["degradation"], run["seed"] or 0) for p, rel in chunk]
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, (image, _params) in enumerate(loaded):
@@ -196,7 +240,7 @@ def _process_chunk(chunk, target, extractors, run, text_encoder, template, label
     for members in by_size.values():  # a batch needs one size; folders may mix sizes
         images = torch.cat([loaded[i][0] for i in members])
         labels = [labels_fn(chunk[i][1]) if labels_fn else None for i in members]
-        bundle = _extract(images, labels, extractors, text_encoder, template, cache)
+        bundle = _extract(images, labels, extractors, registry, text_encoder, run["template"], cache)
         for j, i in enumerate(members):
             rel = chunk[i][1]
             extra = {"source": rel, "run": run, "degradation": loaded[i][1]}
