@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEV = [ROOT.parent / "shared/data/faces/dev/ffhq"]
 
 
-def dev_set(llvfsr, degradation: str, seed: int, align: str = "reframe"):
+def dev_set(llvfsr, degradation: str, seed: int, align: str = "reframe", faces=None, every: int = 1):
     """(HQ, model input, bicubic baseline) of the dev faces, framed and degraded as in training.
 
     Bicubic degradations give the true LR (MATLAB bicubic downsampling) as the model input and its
@@ -34,18 +34,19 @@ def dev_set(llvfsr, degradation: str, seed: int, align: str = "reframe"):
     bicubic = degradation.startswith("bicubic")
     ds = FaceDataset(
         FaceDatasetConfig(
-            hq_dirs=[str(d) for d in DEV],
+            hq_dirs=[str(d) for d in (faces or DEV)],
             size=llvfsr.out_size,
             degradation=degradation,
             lq_size="lr" if bicubic else "input",
             split="all",
-            align=llvfsr.template,
-            # "reframe": exact FFHQ -> training-template change of framing; "detect": dlib landmarks
+            # "reframe": exact FFHQ -> training-template change of framing; "detect": dlib landmarks;
+            # "none": the files' own framing (e.g. UTKFace crops, what the old weights trained on)
+            align="none" if align == "none" else llvfsr.template,
             source_template="ffhq" if align == "reframe" else None,
             seed=seed,
         )
     )
-    items = [ds[i] for i in range(len(ds))]
+    items = [ds[i] for i in range(0, len(ds), every)]
     hq, lq = torch.stack([it["hq"] for it in items]), torch.stack([it["lq"] for it in items])
     baseline = imresize(lq, hq.shape[-1] / lq.shape[-1]).clamp(0, 1) if bicubic else lq
     return hq, lq, baseline
@@ -75,10 +76,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument(
         "--align",
-        choices=("reframe", "detect"),
+        choices=("reframe", "detect", "none"),
         default="reframe",
         help="reframe FFHQ alignment to the training template, or detect landmarks and align each face",
     )
+    parser.add_argument("--faces", nargs="+", help="other HQ face folders instead of the FFHQ dev faces")
+    parser.add_argument("--every", type=int, default=1, help="use every N-th face (large folders)")
     parser.add_argument("--grid", help="write LR | bicubic | each model | HR for every dev face")
     args = parser.parse_args(argv)
 
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
 
     models = [load_llvfsr_model(w) for w in args.weights]
     degradation = args.degradation or models[0].task.get("degradation", "bicubic_x8")
-    hq, lq, baseline = dev_set(models[0], degradation, args.seed, args.align)
+    hq, lq, baseline = dev_set(models[0], degradation, args.seed, args.align, args.faces, args.every)
     rows = [scores("bicubic", baseline, hq)]
     outputs = []
     for path, m in zip(args.weights, models, strict=True):
