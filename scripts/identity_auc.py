@@ -1,6 +1,6 @@
 """Check the identity metric on labelled face pairs: ROC AUC of same vs different person distances.
 
-Usage: python scripts/identity_auc.py [--pairs /work/shared/data/faces/lfw-identity/pairs.csv]
+Usage: python scripts/identity_auc.py [--pairs ../shared/data/faces/lfw-identity/pairs.csv]
 The CSV has columns image_a, image_b, same_person (1/0); image paths are relative to its folder.
 """
 
