@@ -35,19 +35,6 @@ log = logging.getLogger(__name__)
 
 SCHEDULERS = ("ddim", "ddpm", "euler")
 START_MODES = ("noise", "input")
-# SDXL's training schedule (its scheduler_config.json), used where a config leaves a value out;
-# diffusers' own defaults differ (linear betas, clip_sample=True, DDIM's set_alpha_to_one=True).
-SDXL_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-)
 
 # texts -> (token embeddings [n, 77, D], pooled embeddings [n, P]), e.g. sd_prompts.encode_prompts.
 TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
@@ -145,8 +132,12 @@ def make_scheduler(name: str, config: dict | None):
     classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler}
     if name not in classes:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {SCHEDULERS}")
+    from .sd_components import scheduler_defaults
+
+    # SDXL's shipped training schedule fills gaps: diffusers' own defaults differ (linear betas,
+    # clip_sample=True, DDIM's set_alpha_to_one=True).
     cfg = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
-    return classes[name].from_config({**SDXL_SCHEDULER, **cfg})
+    return classes[name].from_config({**scheduler_defaults("sdxl"), "set_alpha_to_one": False, **cfg})
 
 
 def encode_conditioning(

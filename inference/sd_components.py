@@ -68,6 +68,13 @@ def read_component_configs(folder: Path, family: str) -> dict[str, dict[str, Any
     return {name: read_json(folder / name / "config.json") for name in COMPONENTS[family]}
 
 
+def scheduler_defaults(family: str) -> dict[str, Any]:
+    """The shipped SD training schedule of ``family`` (diffusers scheduler config, no class name)."""
+    config = read_json(SHIPPED_CONFIGS / family / "scheduler" / "config.json")
+    config.pop("_class_name", None)
+    return config
+
+
 def scheduler_config(family: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """DDPMScheduler config of SD training, updated with the training-relevant keys of ``overrides``."""
     config = read_json(SHIPPED_CONFIGS / family / "scheduler" / "config.json")

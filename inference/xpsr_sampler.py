@@ -42,18 +42,6 @@ log = logging.getLogger(__name__)
 # (steps, guidance): the paper's "DDPM 50 steps, CFG 5.5" and the repository's configs/xpsr_test.yaml.
 PRESETS = {"paper": (50, 5.5), "official": (20, 4.5)}
 START_MODES = ("lr", "noise")
-# SD1.5 scheduler values, used where a scheduler config leaves them out (diffusers' DDPMScheduler
-# defaults differ: clip_sample=True would clamp latents to [-1, 1]).
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    clip_sample=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-)
 
 
 @dataclass(frozen=True)
@@ -143,8 +131,12 @@ def make_scheduler(config: dict | None):
     """A diffusers DDPMScheduler from an SD scheduler config (SD1.5 values fill what it lacks)."""
     from diffusers import DDPMScheduler
 
+    from .sd_components import scheduler_defaults
+
+    # The shipped SD1.5 schedule fills gaps: diffusers' own DDPM defaults differ (clip_sample=True
+    # would clamp latents to [-1, 1]).
     cfg = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
-    return DDPMScheduler.from_config({**SD15_SCHEDULER, **cfg})
+    return DDPMScheduler.from_config({**scheduler_defaults("sd15"), **cfg})
 
 
 def guided_noise(model: NoiseModel, latents, t, cond: XPSRConditioning, control, guidance: float):

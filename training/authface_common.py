@@ -24,15 +24,6 @@ log = logging.getLogger(__name__)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # fixed timesteps of the held-out denoising loss
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# SDXL base's scheduler (diffusers' scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0).
-SDXL_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-}
 
 
 def load_frozen_parts(
@@ -110,9 +101,10 @@ def time_ids(
 
 def schedule(scheduler_config: dict[str, Any] | None) -> tuple[torch.Tensor, str]:
     """(alphas_cumprod [T] float64, prediction_type) of the SD training schedule in ``scheduler_config``."""
+    from ..inference.sd_components import scheduler_defaults
     from ..models.authface_facial import scaled_linear_alphas_cumprod
 
-    cfg = {**SDXL_SCHEDULER, **(scheduler_config or {})}
+    cfg = {**scheduler_defaults("sdxl"), **(scheduler_config or {})}
     if cfg["beta_schedule"] != "scaled_linear" or cfg.get("rescale_betas_zero_snr"):
         raise ValueError(
             f"AuthFace trains on SDXL's scaled_linear schedule; got beta_schedule={cfg['beta_schedule']!r}, "
