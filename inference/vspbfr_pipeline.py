@@ -185,19 +185,29 @@ def restore_photo(
 
     Returns (photos, face data, one line per face).
     """
-    from .face_pipeline import crop_faces, paste_back
+    from .face_pipeline import restore_photos
 
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    crops, data = crop_faces(photos, backend, model_path, "ffhq", models.size, **detect_options)
-    if not data.faces:
-        return paste_back(photos, crops, data, upscale=upscale), data, []
-    out = restore_faces(models, crops, seed, steps).faces
-    restored = strength * out + (1.0 - strength) * crops
+
+    def restore(crops: torch.Tensor) -> torch.Tensor:
+        out = restore_faces(models, crops, seed, steps).faces
+        return strength * out + (1.0 - strength) * crops
+
+    pasted, data = restore_photos(
+        photos,
+        restore,
+        backend=backend,
+        model_path=model_path,
+        template="ffhq",
+        size=models.size,
+        detect_options=detect_options,
+        upscale=upscale,
+        color_correction=color_correction,
+    )
     report = [
         f"face {i} (photo {af.face.image_index}, eye distance {af.face.size:.0f} px): restored "
         f"at {models.size} px, seed {seed}"
         for i, af in enumerate(data.faces)
     ]
-    pasted = paste_back(photos, restored, data, upscale=upscale, color_correction=color_correction)
     return pasted, data, report
