@@ -21,7 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 DEV = [ROOT.parent / "shared/data/faces/dev/ffhq"]
 
 
-def dev_set(llvfsr, degradation: str, seed: int, align: str = "reframe", faces=None, every: int = 1):
+def dev_set(
+    llvfsr,
+    degradation: str,
+    seed: int,
+    align: str = "reframe",
+    faces=None,
+    every: int = 1,
+    split: str = "all",
+):
     """(HQ, model input, bicubic baseline) of the dev faces, framed and degraded as in training.
 
     Bicubic degradations give the true LR (MATLAB bicubic downsampling) as the model input and its
@@ -38,7 +46,8 @@ def dev_set(llvfsr, degradation: str, seed: int, align: str = "reframe", faces=N
             size=llvfsr.out_size,
             degradation=degradation,
             lq_size="lr" if bicubic else "input",
-            split="all",
+            split=split,
+            split_seed=0,  # the training jobs' split (train_split "train" holds out "val")
             # "reframe": exact FFHQ -> training-template change of framing; "detect": dlib landmarks;
             # "none": the files' own framing (e.g. UTKFace crops, what the old weights trained on)
             align="none" if align == "none" else llvfsr.template,
@@ -82,6 +91,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--faces", nargs="+", help="other HQ face folders instead of the FFHQ dev faces")
     parser.add_argument("--every", type=int, default=1, help="use every N-th face (large folders)")
+    parser.add_argument(
+        "--split",
+        choices=("all", "train", "val"),
+        default="all",
+        help="with --faces: only the hash split of those folders ('val' = faces a train_split 'train' job never saw)",
+    )
     parser.add_argument("--grid", help="write LR | bicubic | each model | HR for every dev face")
     args = parser.parse_args(argv)
 
@@ -89,7 +104,9 @@ def main(argv=None) -> int:
 
     models = [load_llvfsr_model(w) for w in args.weights]
     degradation = args.degradation or models[0].task.get("degradation", "bicubic_x8")
-    hq, lq, baseline = dev_set(models[0], degradation, args.seed, args.align, args.faces, args.every)
+    hq, lq, baseline = dev_set(
+        models[0], degradation, args.seed, args.align, args.faces, args.every, args.split
+    )
     rows = [scores("bicubic", baseline, hq)]
     outputs = []
     for path, m in zip(args.weights, models, strict=True):

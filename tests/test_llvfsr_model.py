@@ -107,8 +107,9 @@ def test_output_size_for_each_scale_and_upsampler(scale, upsample):
     assert out.shape == (1, 3, 64, 64)
     if upsample == "pixelshuffle":  # the global residual is the bicubic-upsampled input
         base = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
-        torch.nn.init.zeros_(model.reconstruct.net[-1].weight)
-        torch.nn.init.zeros_(model.reconstruct.net[-1].bias)
+        last = [m for m in model.reconstruct.net if isinstance(m, torch.nn.Conv2d)][-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
         with torch.no_grad():
             assert torch.allclose(model(lr, **priors), base, atol=1e-6)
 
@@ -293,3 +294,42 @@ def test_bad_inputs_and_configs_are_refused():
     with pytest.raises(ValueError, match="unknown LLV-FSR config keys"):
         LLVFSRConfig.from_dict({**cfg.to_dict(), "colour": 1})
     assert LLVFSRConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("scale", [4, 8, 16])
+def test_rgb_last_stage_and_block_conv_options(scale, tmp_path):
+    model = _model(scale=scale, rgb_last_stage=True, block_conv=True)
+    cfg = model.config
+    lr, priors = _lr(2, cfg, hr=64), _priors(2, 64, cfg)
+    with torch.no_grad():
+        assert model(lr, **priors).shape == (2, 3, 64, 64)
+    # the last stage is conv -> 12 channels -> PixelShuffle(2): no conv runs at output size
+    net = model.reconstruct.net
+    assert isinstance(net[-1], torch.nn.PixelShuffle) and net[-2].out_channels == 12
+    shuffles = sum(isinstance(m, torch.nn.PixelShuffle) for m in net)
+    assert shuffles == int(math.log2(scale))
+    # block conv closes a residual: zero weights turn the basic block into the identity
+    block = model.blocks[0]
+    torch.nn.init.zeros_(block[2].weight)
+    torch.nn.init.zeros_(block[2].bias)
+    x = torch.randn(2, cfg.width, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(block(x), x)
+    # ... and the conv is trained like everything else
+    model.train()
+    model(lr, **priors).square().mean().backward()
+    assert block[2].weight.grad is not None and block[2].weight.grad.abs().sum() > 0
+    path = save_llvfsr(model.eval(), tmp_path / "opts.safetensors")
+    loaded = load_llvfsr(path).model
+    assert loaded.config.rgb_last_stage and loaded.config.block_conv
+    with torch.no_grad():
+        assert torch.equal(model(lr, **priors), loaded(lr, **priors))
+
+
+def test_configs_without_the_new_options_load_as_before():
+    old = llvfsr_config("small").to_dict()
+    for key in ("block_conv", "rgb_last_stage"):
+        old.pop(key)
+    cfg = LLVFSRConfig.from_dict(old)
+    assert not cfg.block_conv and not cfg.rgb_last_stage
+    assert len(build_llvfsr(cfg).blocks[0]) == 2

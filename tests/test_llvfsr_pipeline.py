@@ -35,6 +35,18 @@ def trained(tmp_path_factory):
     return out, summary
 
 
+def test_train_split_holds_out_the_val_faces():
+    from priorface.training.datasets import split_of
+
+    cfg = dict(train_dirs=[str(SHARED / "train" / "utkface")], model=TINY, max_train_items=40)
+    names = [rel for _p, rel in LLVFSRTask(LLVFSRTaskConfig(**cfg, train_split="train")).train_set().files]
+    assert len(names) == 40 and all(split_of(n, 0.05) == "train" for n in names)
+    everything = [rel for _p, rel in LLVFSRTask(LLVFSRTaskConfig(**cfg)).train_set().files]
+    assert any(split_of(n, 0.05) == "val" for n in everything)
+    with pytest.raises(ValueError, match="train_split"):
+        LLVFSRTask(LLVFSRTaskConfig(**cfg, train_split="val"))
+
+
 def test_training_writes_weights_samples_and_curves(trained):
     out, summary = trained
     assert summary["step"] == 4 and {"psnr", "psnr_bicubic", "psnr_gain"} <= set(summary["validation"])

@@ -46,6 +46,7 @@ class FaceDatasetConfig:
     split: str = "train"  # "train", "val" or "all"
     val_fraction: float = 0.05  # share of files (by name hash) that form the validation split
     seed: int = 0  # seeds LQ synthesis and the split hash
+    split_seed: int | None = None  # seeds the split hash instead of seed (same split, other LQ draws)
     align: str = "none"  # "none": files are aligned crops already; or a template name to re-align to
     detector: str = "dlib"  # detector used when align is a template (embedded dlib by default)
     source_template: str | None = None  # files already aligned to this template: reframe without detection
@@ -104,7 +105,8 @@ class FaceDataset(torch.utils.data.Dataset):
         self.config = config
         files = list_images(config.hq_dirs)
         if config.split != "all":
-            files = [f for f in files if split_of(f[1], config.val_fraction, config.seed) == config.split]
+            split_seed = config.seed if config.split_seed is None else config.split_seed
+            files = [f for f in files if split_of(f[1], config.val_fraction, split_seed) == config.split]
         if config.max_items is not None:
             files = files[: config.max_items]
         if not files:

@@ -64,6 +64,9 @@ class LLVFSRTaskConfig:
     # True: warp every training face onto the template with its landmarks (the framing the face
     # pipeline produces at inference); False: use the files' own crop as the framing
     align_train: bool = False
+    # "all" trains on every file; "train" holds out the hash-based 5 % "val" split of train_dirs
+    # (FaceDataset's split, seed 0) so that faces of the training framing can be measured unseen
+    train_split: str = "all"
     source_size: int = 200  # side of the training files the landmarks were measured on
     priors: list[str] = field(default_factory=lambda: ["mask", "caption"])
     preset: str = "small"
@@ -83,6 +86,8 @@ class LLVFSRTask(TrainTask):
     name = "llvfsr"
 
     def __init__(self, cfg: LLVFSRTaskConfig):
+        if cfg.train_split not in ("all", "train"):
+            raise ValueError(f"train_split must be 'all' or 'train', got {cfg.train_split!r}")
         if cfg.priors_dir:
             _check_cached_config(cfg)
         self.cfg = cfg
@@ -188,7 +193,7 @@ class LLVFSRTask(TrainTask):
                 size=self.cfg.size,
                 degradation=self.cfg.degradation,
                 lq_size=self._lq_size(),
-                split="all",
+                split=self.cfg.train_split,
                 max_items=self.cfg.max_train_items,
                 align=self.cfg.template if self.cfg.align_train else "none",
                 landmarks_json=self.cfg.landmarks_json if self.cfg.align_train else None,
