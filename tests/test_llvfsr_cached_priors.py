@@ -16,7 +16,7 @@ from priorface.inference.priors import batch as batch_module
 from priorface.inference.priors.batch import ExtraExtractor, extract_priors_for_folder, file_seed
 from priorface.inference.priors.bundle import PriorBundle, PriorMismatchError, TextEmbedding
 from priorface.inference.priors.bundle_io import concat_bundles, read_prior_file, write_prior_file
-from priorface.training.datasets import parse_utkface_name
+from priorface.training.datasets import FaceDataset, FaceDatasetConfig, parse_utkface_name
 from priorface.training.llvfsr_task import LLVFSRTask, LLVFSRTaskConfig
 from priorface.training.loop import TrainConfig, train
 
@@ -190,3 +190,26 @@ def test_settings_that_cannot_match_the_cache_are_refused(cache):
         LLVFSRTask(replace(cfg, val_dirs=["x"]))
     with pytest.raises(ValueError, match="priors must be some of"):
         LLVFSRTask(replace(cfg, priors=["caption_embedding"]))
+
+
+def test_the_prior_scan_covers_exactly_the_faces_the_training_split_serves(monkeypatch):
+    import priorface.training.llvfsr_task as task_module
+
+    scanned = []
+
+    def fake_scan(folder, stems, *args):
+        scanned.extend(stems)
+        raise RuntimeError("scanned")  # stop before any file is read
+
+    monkeypatch.setattr(task_module, "scan_prior_files", fake_scan)
+    cfg = LLVFSRTaskConfig(
+        train_dirs=[str(UTK)], model=TINY, max_train_items=40, train_split="train", priors_dir="unused"
+    )
+    with pytest.raises(RuntimeError, match="scanned"):
+        LLVFSRTask(cfg).model_config()
+    served = FaceDataset(
+        FaceDatasetConfig(hq_dirs=[str(UTK)], split="train", max_items=40, degradation="bicubic_x8")
+    ).files
+    assert scanned == [str(Path(rel).with_suffix("")) for _p, rel in served]
+    everything = FaceDataset(FaceDatasetConfig(hq_dirs=[str(UTK)], split="all", max_items=40)).files
+    assert served != everything  # the held-out faces really change which 40 files come first

@@ -75,6 +75,15 @@ def split_of(relative_name: str, val_fraction: float, seed: int = 0) -> str:
     return "val" if fraction < val_fraction else "train"
 
 
+def select_files(config: FaceDatasetConfig) -> list[tuple[Path, str]]:
+    """(path, relative name) of the files a dataset with ``config`` serves: its split, then max_items."""
+    files = list_images(config.hq_dirs)
+    if config.split != "all":
+        split_seed = config.seed if config.split_seed is None else config.split_seed
+        files = [f for f in files if split_of(f[1], config.val_fraction, split_seed) == config.split]
+    return files[: config.max_items]
+
+
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """Seed of the LQ synthesis of one item in one epoch (independent of worker and batch)."""
     digest = hashlib.sha1(f"{seed}:{epoch}:{index}".encode()).digest()
@@ -103,12 +112,7 @@ class FaceDataset(torch.utils.data.Dataset):
         if not 0.0 <= config.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
         self.config = config
-        files = list_images(config.hq_dirs)
-        if config.split != "all":
-            split_seed = config.seed if config.split_seed is None else config.split_seed
-            files = [f for f in files if split_of(f[1], config.val_fraction, split_seed) == config.split]
-        if config.max_items is not None:
-            files = files[: config.max_items]
+        files = select_files(config)
         if not files:
             raise ValueError(f"no images for split {config.split!r} in {config.hq_dirs}")
         self.files = files

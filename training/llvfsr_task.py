@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from ..inference.face_align import template_points
-from ..inference.images import list_images, resize_bchw
+from ..inference.images import resize_bchw
 from ..inference.llvfsr_restore import run_batched
 from ..models.llvfsr import build_llvfsr, save_llvfsr
-from .datasets import FaceDataset, FaceDatasetConfig
+from .datasets import FaceDataset, FaceDatasetConfig, select_files
 from .llvfsr_cached_priors import FILE_PRIOR, CachedPriors, cached_forward_kwargs, scan_prior_files
 from .loop import TrainTask
 
@@ -136,9 +136,15 @@ class LLVFSRTask(TrainTask):
     def _cache(self) -> CachedPriors:
         """What the training prior files hold (scanned once; raises on missing or mixed files)."""
         if self._cached is None:
-            # The files FaceDataset takes (split "all", first max_train_items), without building it:
-            # building it asks for the model config, which needs this scan.
-            files = list_images(list(self.cfg.train_dirs))[: self.cfg.max_train_items]
+            # The files the training FaceDataset takes, without building it: building it asks for the
+            # model config, which needs this scan.
+            files = select_files(
+                FaceDatasetConfig(
+                    hq_dirs=list(self.cfg.train_dirs),
+                    split=self.cfg.train_split,
+                    max_items=self.cfg.max_train_items,
+                )
+            )
             stems = [str(Path(rel).with_suffix("")) for _p, rel in files]
             self._cached = scan_prior_files(
                 self.cfg.priors_dir, stems, list(self.cfg.priors), self.cfg.degradation, self.cfg.size
