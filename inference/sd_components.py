@@ -70,9 +70,7 @@ def read_component_configs(folder: Path, family: str) -> dict[str, dict[str, Any
 
 def scheduler_defaults(family: str) -> dict[str, Any]:
     """The shipped SD training schedule of ``family`` (diffusers scheduler config, no class name)."""
-    config = read_json(SHIPPED_CONFIGS / family / "scheduler" / "config.json")
-    config.pop("_class_name", None)
-    return config
+    return {k: v for k, v in scheduler_config(family).items() if k != "_class_name"}
 
 
 def scheduler_config(family: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
