@@ -236,3 +236,12 @@ def test_one_training_step_on_the_cache_accepts_the_node_priors(comfy_env, model
     lq = torch.rand(3, 3, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(1))
     out = upscale_faces(llvfsr, lq, nodes)  # the nodes' priors are accepted, none refused
     assert out.shape == (3, 3, SIZE, SIZE) and torch.isfinite(out).all()
+
+
+def test_the_torch_free_cli_tables_match_the_extractors():
+    from priorface.inference.priors import batch_cli, hf_describe
+    from priorface.inference.priors.batch_models import MODEL_EXTRACTORS
+
+    assert batch_cli.MODEL_EXTRACTOR_NAMES == tuple(MODEL_EXTRACTORS)
+    assert batch_cli.MODEL_OPTIONS == {spec.option: spec.kind for spec in MODEL_EXTRACTORS.values()}
+    assert batch_cli.DESCRIBE_PRESETS == tuple(hf_describe.PRESETS)
