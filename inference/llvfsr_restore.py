@@ -76,27 +76,36 @@ def load_llvfsr_model(path: str | Path, device: str | torch.device = "cpu") -> L
     return LLVFSRModel(loaded.model, loaded.trained_with, Path(path).stem, task)
 
 
-def default_priors(llvfsr: LLVFSRModel, faces: torch.Tensor, landmarks: torch.Tensor | None) -> PriorBundle:
-    """The embedded priors the model was trained with, for aligned faces (BCHW at any size)."""
+def default_priors(
+    llvfsr: LLVFSRModel,
+    faces: torch.Tensor,
+    landmarks: torch.Tensor | None,
+    captions: list[str] | None = None,
+) -> PriorBundle:
+    """The embedded priors the model was trained with, for aligned faces (BCHW at any size).
+
+    ``captions`` (one per face) replace the unlabelled "a photo of a face", e.g. the template
+    caption of known labels (``template_caption``), as the training faces had.
+    """
     from .priors.embedded import extract_embedded_priors
 
-    wanted = []
-    if "mask" in llvfsr.trained_with:
-        wanted.append("mask")
-    if "caption_embedding" in llvfsr.trained_with:
-        wanted.append("caption_embedding")
+    wanted = [p for p in ("mask", "caption_embedding", "description_embedding") if p in llvfsr.trained_with]
     if not wanted:
         return PriorBundle(batch_size=faces.shape[0])
+    # Priors are drawn at the model's output size, the resolution of its training masks: a mask drawn
+    # on the 16-px input would sample other pixel centres than the training masks did.
+    size = llvfsr.out_size
     if landmarks is None:
-        size = faces.shape[-1]
         landmarks = (
             torch.from_numpy(template_points(llvfsr.template, size)).float().expand(faces.shape[0], 5, 2)
         )
+    else:
+        landmarks = (torch.as_tensor(landmarks, dtype=torch.float32) + 0.5) * (size / faces.shape[-1]) - 0.5
     return extract_embedded_priors(
-        faces,
+        resize_bchw(faces.float(), size, size),
         wanted,
         landmarks=landmarks,
-        captions=[NO_LABEL_CAPTION] * faces.shape[0],
+        captions=list(captions) if captions is not None else [NO_LABEL_CAPTION] * faces.shape[0],
         template=llvfsr.template,
     )
 
@@ -121,6 +130,7 @@ def upscale_faces(
     priors: PriorBundle | None = None,
     landmarks: torch.Tensor | None = None,
     batch_size: int = 8,
+    captions: list[str] | None = None,
 ) -> torch.Tensor:
     """Super-resolve aligned faces (BCHW 0..1, any square size) to the model's output size."""
 
@@ -128,7 +138,7 @@ def upscale_faces(
     size = llvfsr.out_size
     side = size // mc.scale if mc.upsample == "pixelshuffle" else size
     if priors is None:
-        priors = default_priors(llvfsr, faces, landmarks)
+        priors = default_priors(llvfsr, faces, landmarks, captions)
     if priors.batch_size != faces.shape[0]:
         raise ValueError(
             f"got priors for {priors.batch_size} face(s) but {faces.shape[0]} face(s) to restore"

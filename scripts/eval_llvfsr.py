@@ -5,7 +5,8 @@
 The dev faces (../shared/data/faces/dev/ffhq, FFHQ-aligned) are reframed to the
 template the weights were trained on, resized to their output size, and degraded as in training
 with a fixed seed; each model gets the embedded priors it was trained with (template landmarks,
-caption "a photo of a face"). Prints one row per method; --grid writes a comparison image.
+caption "a photo of a face", or with --captions labels the labels in UTKFace file names, as the
+training faces had). Prints one row per method; --grid writes a comparison image.
 """
 
 from __future__ import annotations
@@ -61,6 +62,41 @@ def dev_set(
     return hq, lq, baseline
 
 
+def dev_captions(faces=None, every: int = 1, split: str = "all") -> list[str]:
+    """Template captions of the faces dev_set serves (same files, same order) from their file-name labels.
+
+    UTKFace names carry age, gender and race: a face without labels gets "a photo of a face".
+    """
+    from priorface.inference.priors.captions import template_caption
+    from priorface.training.datasets import FaceDatasetConfig, parse_utkface_name, select_files
+
+    files = select_files(
+        FaceDatasetConfig(hq_dirs=[str(d) for d in (faces or DEV)], split=split, split_seed=0)
+    )
+    return [template_caption(parse_utkface_name(rel)) for _p, rel in files[::every]]
+
+
+def crop_landmarks_of(images: torch.Tensor, llvfsr, side: int, source: str):
+    """None for "template"; else dlib's landmarks on ``images`` (aligned crops), in the frame of a ``side``-px input."""
+    if source == "template":
+        return None
+    from priorface.inference.priors.landmark_mask import detect_crop_landmarks
+
+    found, ok = detect_crop_landmarks(images, llvfsr.template)
+    print(f"landmarks detected on the {source.upper()} faces: {sum(ok)} of {len(ok)} (others: template)")
+    return (found + 0.5) * (side / images.shape[-1]) - 0.5
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, hq: torch.Tensor) -> str:
+    """Per-face PSNR of ``a`` minus ``b``: mean, normal 95% interval of the mean, faces where ``a`` is better."""
+    from priorface.inference.metrics.psnr_ssim import psnr
+
+    diff = psnr(a, hq) - psnr(b, hq)
+    half = 1.96 * float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else float("nan")
+    better = int((diff > 0).sum())
+    return f"{float(diff.mean()):+.3f} dB (+-{half:.3f}), better on {better} of {len(diff)}"
+
+
 def scores(name: str, out: torch.Tensor, hq: torch.Tensor) -> dict:
     """Mean metrics of a method over the dev faces."""
     from priorface.inference.metrics.identity import identity_distance
@@ -97,6 +133,18 @@ def main(argv=None) -> int:
         default="all",
         help="with --faces: only the hash split of those folders ('val' = faces a train_split 'train' job never saw)",
     )
+    parser.add_argument(
+        "--captions",
+        choices=("none", "labels"),
+        default="none",
+        help="caption prior: 'a photo of a face' for all, or each file's labels (UTKFace names) as in training",
+    )
+    parser.add_argument(
+        "--landmarks",
+        choices=("template", "hr", "lr"),
+        default="template",
+        help="mask/description landmarks: the template's, or dlib's on the HR face or on the bicubic-upsampled LR",
+    )
     parser.add_argument("--grid", help="write LR | bicubic | each model | HR for every dev face")
     args = parser.parse_args(argv)
 
@@ -107,15 +155,19 @@ def main(argv=None) -> int:
     hq, lq, baseline = dev_set(
         models[0], degradation, args.seed, args.align, args.faces, args.every, args.split
     )
+    landmarks = crop_landmarks_of(
+        hq if args.landmarks == "hr" else baseline, models[0], lq.shape[-1], args.landmarks
+    )
+    captions = dev_captions(args.faces, args.every, args.split) if args.captions == "labels" else None
     rows = [scores("bicubic", baseline, hq)]
     outputs = []
     for path, m in zip(args.weights, models, strict=True):
-        out = upscale_faces(m, lq)
+        out = upscale_faces(m, lq, landmarks=landmarks, captions=captions)
         outputs.append(out)
         rows.append(scores(f"{Path(path).parent.name}/{Path(path).name}", out, hq))
     print(
         f"dev faces: {hq.shape[0]}, {hq.shape[-1]} px, degradation {degradation}, seed {args.seed}, "
-        f"alignment {args.align}"
+        f"alignment {args.align}, captions {args.captions}, landmarks {args.landmarks}"
     )
     print(
         f"{'method':48s} {'PSNR':>7s} {'gain':>6s} {'SSIM':>6s} {'PSNR-Y':>7s} {'SSIM-Y':>6s} {'ID dist':>7s}"
@@ -126,6 +178,10 @@ def main(argv=None) -> int:
             f"{r['method'][:48]:48s} {r['psnr']:7.2f} {gain:+6.2f} {r['ssim']:6.4f} {r['psnr_y']:7.2f} "
             f"{r['ssim_y']:6.4f} {r['identity']:7.4f}"
         )
+    if len(outputs) > 1:
+        print(f"paired per-face PSNR difference to {rows[-1]['method']} (mean, 95% interval, faces better):")
+        for r, out in zip(rows[1:-1], outputs[:-1], strict=True):
+            print(f"  {r['method'][:48]:48s} {paired_difference(out, outputs[-1], hq)}")
     if args.grid:
         from priorface.inference.metrics.grid import make_grid
 

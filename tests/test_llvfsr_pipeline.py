@@ -114,3 +114,121 @@ def test_nodes(comfy_env, check_outputs, trained):
         ),
     )
     assert image.shape == (1, 128, 160, 3) and report == "no face found"
+
+
+def _utk_task(**kw) -> LLVFSRTask:
+    return LLVFSRTask(
+        LLVFSRTaskConfig(train_dirs=[str(SHARED / "train" / "utkface")], model=TINY, max_train_items=8, **kw)
+    )
+
+
+def test_hflip_mirrors_face_input_and_mask_together():
+    plain, flipping = _utk_task().train_set(), _utk_task(hflip=True).train_set()
+    flipped = [i for i in range(8) if '"hflip": true' in flipping[i]["degradation"]]
+    assert 0 < len(flipped) < 8  # seeded coin per item
+    i = flipped[0]
+    assert torch.equal(flipping[i]["hq"], plain[i]["hq"].flip(-1))
+    assert torch.equal(flipping[i]["lq"], plain[i]["lq"].flip(-1))
+    task, item = _utk_task(hflip=True), flipping[i]
+    straight = task.priors_for([item["name"]] * 2, [item["labels"]] * 2, "cpu")["mask"]
+    mirrored = task.collate([item, plain[i]], torch.device("cpu"))["priors"]["mask"]
+    assert not torch.equal(straight[0], straight[0].flip(-1))  # the test would be void otherwise
+    assert torch.equal(mirrored[0], straight[0].flip(-1)) and torch.equal(mirrored[1], straight[1])
+    # Aligned faces on the template's points mirror the same way (their landmarks are one shared row).
+    aligned = _utk_task(hflip=True, align_train=True)
+    pair = aligned.priors_for(["a", "b"], [{}, {}], "cpu", flipped=[True, False])["mask"]
+    assert torch.equal(pair[0], pair[1].flip(-1)) and not torch.equal(pair[0], pair[1])
+
+
+def test_hq_usm_sharpens_the_training_face_before_degrading_it():
+    from priorface.inference.degradations.matlab_resize import bicubic_downsample
+
+    def laplacian_var(x):
+        k = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3)
+        return torch.nn.functional.conv2d(x.mean(0)[None, None], k).var().item()
+
+    plain, sharp = _utk_task().train_set()[0], _utk_task(hq_usm=[1.0, 7]).train_set()[0]
+    assert laplacian_var(sharp["hq"]) > 1.5 * laplacian_var(plain["hq"])
+    # The LR is degraded from the sharpened face: the pair stays consistent.
+    lr = bicubic_downsample(sharp["hq"][None], 8)[0]
+    assert torch.allclose(sharp["lq"], lr.clamp(0, 1), atol=1.5 / 255)
+
+
+def test_init_from_starts_from_weights_of_the_same_config(trained):
+    weights = trained[0] / "latest.safetensors"
+    started = _utk_task(init_from=str(weights)).build_model()
+    reference = load_llvfsr_model(weights).model
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(started.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
+    with pytest.raises(ValueError, match="init_from .* another model config.*width"):
+        LLVFSRTask(
+            LLVFSRTaskConfig(
+                train_dirs=[str(SHARED / "train" / "utkface")],
+                model={**TINY, "width": 16},
+                init_from=str(weights),
+            )
+        ).build_model()
+
+
+def test_own_mask_landmarks_follow_each_face_through_its_alignment(tmp_path):
+    import json
+
+    from priorface.inference.face_align import template_points
+
+    task = _utk_task()
+    names = [str(Path(rel).with_suffix("")) for _p, rel in task.train_set().files[:2]]
+    template = template_points("utkface", 128)
+    angle = np.deg2rad(12)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = (template * 1.4) @ rot.T + [20.0, 5.0]  # a similarity of the template, in source pixels
+    odd = moved.copy()
+    odd[3] += [0.0, 9.0]  # this face's left mouth corner sits lower than the template's
+    path = tmp_path / "landmarks.json"
+    path.write_text(json.dumps({names[0] + ".jpg": moved.tolist(), names[1] + ".jpg": odd.tolist()}))
+    kw = dict(align_train=True, landmarks_json=str(path))
+    own = _utk_task(**kw, mask_landmarks="own")._landmarks_for(names)
+    assert torch.allclose(own[0], torch.from_numpy(template).float(), atol=1e-3)
+    assert (own[1] - torch.from_numpy(template).float()).norm(dim=1).max() > 2.0
+    fixed = _utk_task(**kw)._landmarks_for(names)
+    assert torch.allclose(fixed[1], torch.from_numpy(template).float())
+    with pytest.raises(ValueError, match="mask_landmarks"):
+        _utk_task(mask_landmarks="detected")
+
+
+def test_description_prior_trains_exports_and_restores(tmp_path):
+    from priorface.inference.llvfsr_restore import default_priors
+
+    task = _utk_task(priors=["mask", "caption", "description"], hflip=True)
+    task.cfg.model = {**TINY, "prior_dropout": 0.0}  # every branch sees its prior in this step
+    batch = task.collate([task.train_set()[i] for i in range(2)], torch.device("cpu"))
+    assert set(batch["priors"]) == {"mask", "caption", "description"}
+    model = task.build_model()
+    loss, _ = task.training_loss(model, batch, 0)
+    loss.backward()
+    grad = model.encoders["description"].linear.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    task.export(model, tmp_path / "w.safetensors", 0)
+    llvfsr = load_llvfsr_model(tmp_path / "w.safetensors")
+    assert {"mask", "caption_embedding", "description_embedding"} == set(llvfsr.trained_with)
+    faces = torch.rand(2, 3, 16, 16)
+    priors = default_priors(llvfsr, faces, None)
+    # Drawn at the output size, as the training masks were, whatever the input size.
+    assert priors.mask.shape[-2:] == (128, 128) and priors.description_embedding.pooled.shape[0] == 2
+    assert upscale_faces(llvfsr, faces).shape == (2, 3, 128, 128)
+
+
+def test_default_priors_take_landmarks_in_the_input_frame():
+    from priorface.inference.face_align import template_points
+    from priorface.inference.llvfsr_restore import default_priors
+
+    path = Path(__file__).resolve().parents[1] / "weights" / "llvfsr-x8.safetensors"
+    llvfsr = load_llvfsr_model(path)
+    faces = torch.rand(1, 3, 16, 16)
+    at16 = torch.from_numpy(template_points("utkface", 16)).float()[None]
+    same = default_priors(llvfsr, faces, at16).mask
+    assert torch.equal(same, default_priors(llvfsr, faces, None).mask)
+    lower = at16.clone()
+    lower[:, 3:, 1] += 1.0  # mouth one input pixel (8 output pixels) lower
+    assert not torch.equal(default_priors(llvfsr, faces, lower).mask, same)

@@ -5,10 +5,13 @@ Two sources of priors:
 - Embedded (default, nothing downloaded), computed on the fly: the facial-region mask drawn from 5
   landmarks (precomputed for the training faces by ``scripts/face_landmarks.py``; faces without
   detected landmarks, and the validation faces, use the alignment template's points, which is what
-  an aligned crop has at inference when no landmarks are passed) and MiniLM embeddings of template
-  captions (UTKFace labels; "a photo of a face" without labels). The paper computes priors from the
-  LR face at inference; here the mask geometry comes from landmarks, which the face pipeline
-  detects on the whole photo, not on the 16-px LR crop.
+  an aligned crop has at inference when no landmarks are passed; with ``align_train``,
+  ``mask_landmarks`` "own" carries each face's points through its alignment instead of using the
+  template's), MiniLM embeddings of template captions (UTKFace labels; "a photo of a face" without
+  labels) and, when ``priors`` names it, of template descriptions (labels plus head pose and mouth
+  width read from the same landmarks). The paper computes priors from the LR face at inference;
+  here the mask geometry comes from landmarks, which the face pipeline detects on the whole photo,
+  not on the 16-px LR crop.
 - Cached (``priors_dir``): one prior file per training face, written by ``priorface priors`` with
   any extractors (BLIP-2/LLaVA texts embedded by CLIP, SAM mask, Depth-Anything depth, or the
   embedded ones); see :mod:`.llvfsr_cached_priors`. The model config (mask classes, text width,
@@ -36,10 +39,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..inference.face_align import template_points
+from ..inference.face_align import estimate_similarity, template_points
 from ..inference.images import resize_bchw
 from ..inference.llvfsr_restore import run_batched
 from ..models.llvfsr import build_llvfsr, save_llvfsr
@@ -64,6 +68,10 @@ class LLVFSRTaskConfig:
     # True: warp every training face onto the template with its landmarks (the framing the face
     # pipeline produces at inference); False: use the files' own crop as the framing
     align_train: bool = False
+    # With align_train, the landmarks the mask is drawn from: "template" (every aligned face gets the
+    # template's points) or "own" (each face's stored landmarks carried through its alignment, as
+    # the whole-photo pipeline passes each crop's detected landmarks at inference)
+    mask_landmarks: str = "template"
     # "all" trains on every file; "train" holds out the hash-based 5 % "val" split of train_dirs
     # (FaceDataset's split, seed 0) so that faces of the training framing can be measured unseen
     train_split: str = "all"
@@ -78,6 +86,11 @@ class LLVFSRTaskConfig:
     # priors then names forward inputs among mask, depth, caption, description
     priors_dir: str | None = None
     val_priors_dir: str | None = None  # the same for the validation faces (see write_val_faces)
+    hflip: bool = False  # random horizontal flips of the training faces (mask/landmarks flip with them)
+    hq_usm: list[float] | None = None  # [weight, radius]: sharpen training HQ faces (FaceDatasetConfig)
+    # weights file (save_llvfsr) a fresh run starts from; its config must equal this task's model
+    # config. A resumed run ignores it (the train state holds the weights).
+    init_from: str | None = None
 
 
 class LLVFSRTask(TrainTask):
@@ -86,6 +99,8 @@ class LLVFSRTask(TrainTask):
     name = "llvfsr"
 
     def __init__(self, cfg: LLVFSRTaskConfig):
+        if cfg.mask_landmarks not in ("template", "own"):
+            raise ValueError(f"mask_landmarks must be 'template' or 'own', got {cfg.mask_landmarks!r}")
         if cfg.train_split not in ("all", "train"):
             raise ValueError(f"train_split must be 'all' or 'train', got {cfg.train_split!r}")
         if cfg.priors_dir:
@@ -157,7 +172,23 @@ class LLVFSRTask(TrainTask):
         return self._cached
 
     def build_model(self) -> torch.nn.Module:
-        return build_llvfsr(self.model_config())
+        config = self.model_config()
+        model = build_llvfsr(config)
+        if self.cfg.init_from:
+            from ..models.llvfsr import load_llvfsr
+
+            start = load_llvfsr(self.cfg.init_from).model
+            have, want = start.config.to_dict(), config.to_dict()
+            if have != want:
+                diff = {
+                    k: (have.get(k), want.get(k)) for k in sorted(have | want) if have.get(k) != want.get(k)
+                }
+                raise ValueError(
+                    f"init_from {self.cfg.init_from} has another model config than this task "
+                    f"(file value, task value): {diff}"
+                )
+            model.load_state_dict(start.state_dict())
+        return model
 
     def trained_with(self) -> dict[str, dict]:
         """Provenance of each prior the model sees, stored in its weights file."""
@@ -169,9 +200,10 @@ class LLVFSRTask(TrainTask):
         out = {}
         if "mask" in self.cfg.priors:
             out["mask"] = {"extractor": MASK_EXTRACTOR_ID, "settings": MASK_SETTINGS}
-        if "caption" in self.cfg.priors:
-            enc = self._text_encoder()
-            out["caption_embedding"] = {"extractor": enc.extractor_id, "settings": enc.settings}
+        for text in ("caption", "description"):
+            if text in self.cfg.priors:
+                enc = self._text_encoder()
+                out[f"{text}_embedding"] = {"extractor": enc.extractor_id, "settings": enc.settings}
         return out
 
     # -- data --------------------------------------------------------------------------------
@@ -204,6 +236,8 @@ class LLVFSRTask(TrainTask):
                 align=self.cfg.template if self.cfg.align_train else "none",
                 landmarks_json=self.cfg.landmarks_json if self.cfg.align_train else None,
                 priors_dir=priors_dir,
+                hflip=self.cfg.hflip,
+                hq_usm=self.cfg.hq_usm,
             )
         )
 
@@ -214,7 +248,7 @@ class LLVFSRTask(TrainTask):
             self._encoder = load_text_encoder(None)
         return self._encoder
 
-    def _captions(self, texts: list[str]):
+    def _embed_texts(self, texts: list[str]):
         from ..inference.priors.bundle_io import concat_embeddings
         from ..inference.priors.text_encoder import encode_texts
 
@@ -227,9 +261,10 @@ class LLVFSRTask(TrainTask):
 
     def _landmarks_for(self, names: list[str]) -> torch.Tensor:
         """[B,5,2] landmarks in HR pixels: detected ones scaled from the source files, else the template."""
-        fallback = torch.from_numpy(template_points(self.cfg.template, self.cfg.size)).float()
-        if self.cfg.align_train:
-            return fallback.expand(len(names), -1, -1)  # aligned faces sit on the template
+        template = template_points(self.cfg.template, self.cfg.size)
+        fallback = torch.from_numpy(template).float()
+        if self.cfg.align_train and self.cfg.mask_landmarks == "template":
+            return fallback.repeat(len(names), 1, 1)  # aligned faces sit on the template
         scale = self.cfg.size / self.cfg.source_size
         out = []
         for name in names:
@@ -237,21 +272,40 @@ class LLVFSRTask(TrainTask):
                 (self._landmarks[k] for k in (name + ".jpg", name + ".png", name) if k in self._landmarks),
                 None,
             )
-            out.append(torch.tensor(points).float() * scale if points is not None else fallback)
+            if points is None:
+                out.append(fallback)  # no landmarks: the face was resized, the template is the guess
+            elif self.cfg.align_train:
+                # The same similarity FaceDataset warped the face with, applied to its own points.
+                src = np.asarray(points, np.float64)
+                affine = estimate_similarity(src, template)
+                out.append(torch.from_numpy(src @ affine[:, :2].T + affine[:, 2]).float())
+            else:
+                out.append(torch.tensor(points).float() * scale)
         return torch.stack(out)
 
-    def priors_for(self, names: list[str], labels: list[dict], device) -> dict[str, Any]:
-        """Keyword arguments of the model's forward for these faces."""
-        from ..inference.priors.captions import template_caption
+    def priors_for(
+        self, names: list[str], labels: list[dict], device, flipped: list[bool] | None = None
+    ) -> dict[str, Any]:
+        """Keyword arguments of the model's forward for these faces (``flipped``: mirrored items)."""
+        from ..inference.priors.captions import template_caption, template_description
         from ..inference.priors.landmark_mask import landmark_mask
 
         kwargs: dict[str, Any] = {}
+        lm = self._landmarks_for(names)
+        if flipped and any(flipped):
+            rows = torch.tensor(flipped)
+            lm[rows] = mirror_landmarks(lm[rows], self.cfg.size)
         if "mask" in self.cfg.priors:
-            lm = self._landmarks_for(names)
             kwargs["mask"] = landmark_mask(lm, self.cfg.size, self.cfg.size).to(device)
+        texts = {}
         if "caption" in self.cfg.priors:
-            emb = self._captions([template_caption(lab or None) for lab in labels])
-            kwargs["caption"] = type(emb)(
+            texts["caption"] = [template_caption(lab or None) for lab in labels]
+        if "description" in self.cfg.priors:
+            # Who (labels) and the head pose / mouth width read from the landmarks, as at inference.
+            texts["description"] = template_description(lm, [lab or None for lab in labels])
+        for name, batch_texts in texts.items():
+            emb = self._embed_texts(batch_texts)
+            kwargs[name] = type(emb)(
                 emb.tokens.to(device), emb.attention_mask.to(device), emb.pooled.to(device)
             )
         return kwargs
@@ -267,8 +321,9 @@ class LLVFSRTask(TrainTask):
                 [it["priors"] for it in items], self._used_priors(), device
             )
             return batch
+        flipped = [bool(json.loads(it["degradation"]).get("hflip")) for it in items]
         batch["priors"] = self.priors_for(
-            [it["name"] for it in items], [it["labels"] for it in items], device
+            [it["name"] for it in items], [it["labels"] for it in items], device, flipped
         )
         return batch
 
@@ -403,3 +458,10 @@ def _check_cached_config(cfg: LLVFSRTaskConfig) -> None:
             "val_dirs with priors_dir needs val_priors_dir: cached priors of the validation faces "
             "(write the faces with LLVFSRTask.write_val_faces, then run priorface priors on that folder)"
         )
+
+
+def mirror_landmarks(landmarks: torch.Tensor, size: int) -> torch.Tensor:
+    """5-point landmarks [B,5,2] of the horizontally flipped crop: x mirrored, left/right points swapped."""
+    out = landmarks[:, [1, 0, 2, 4, 3]].clone()
+    out[..., 0] = size - 1 - out[..., 0]
+    return out
