@@ -22,31 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEV = [ROOT.parent / "shared/data/faces/dev/ffhq"]
 
 
-def dev_set(
-    llvfsr,
-    degradation: str,
-    seed: int,
-    align: str = "reframe",
-    faces=None,
-    every: int = 1,
-    split: str = "all",
-):
-    """(HQ, model input, bicubic baseline) of the dev faces, framed and degraded as in training.
-
-    Bicubic degradations give the true LR (MATLAB bicubic downsampling) as the model input and its
-    MATLAB bicubic upsampling as the baseline, the usual SR convention; blind degradation gives the
-    degraded face at HR size for both (the model resizes it to its input size).
-    """
-    from priorface.inference.degradations.matlab_resize import imresize
+def dev_dataset(llvfsr, degradation: str, seed: int, align: str = "reframe", faces=None, split: str = "all"):
+    """The dev faces as a FaceDataset, framed and degraded as the weights were trained."""
     from priorface.training.datasets import FaceDataset, FaceDatasetConfig
 
-    bicubic = degradation.startswith("bicubic")
-    ds = FaceDataset(
+    return FaceDataset(
         FaceDatasetConfig(
             hq_dirs=[str(d) for d in (faces or DEV)],
             size=llvfsr.out_size,
             degradation=degradation,
-            lq_size="lr" if bicubic else "input",
+            lq_size="lr" if degradation.startswith("bicubic") else "input",
             split=split,
             split_seed=0,  # the training jobs' split (train_split "train" holds out "val")
             # "reframe": exact FFHQ -> training-template change of framing; "detect": dlib landmarks;
@@ -56,24 +41,46 @@ def dev_set(
             seed=seed,
         )
     )
+
+
+def dev_tensors(ds, every: int = 1):
+    """(HQ, model input, bicubic baseline) of every ``every``-th face of a dev_dataset.
+
+    Bicubic degradations give the true LR (MATLAB bicubic downsampling) as the model input and its
+    MATLAB bicubic upsampling as the baseline, the usual SR convention; blind degradation gives the
+    degraded face at HR size for both (the model resizes it to its input size).
+    """
+    from priorface.inference.degradations.matlab_resize import imresize
+
     items = [ds[i] for i in range(0, len(ds), every)]
     hq, lq = torch.stack([it["hq"] for it in items]), torch.stack([it["lq"] for it in items])
+    bicubic = ds.config.degradation.startswith("bicubic")
     baseline = imresize(lq, hq.shape[-1] / lq.shape[-1]).clamp(0, 1) if bicubic else lq
     return hq, lq, baseline
 
 
-def dev_captions(faces=None, every: int = 1, split: str = "all") -> list[str]:
-    """Template captions of the faces dev_set serves (same files, same order) from their file-name labels.
+def dev_set(
+    llvfsr,
+    degradation: str,
+    seed: int,
+    align: str = "reframe",
+    faces=None,
+    every: int = 1,
+    split: str = "all",
+):
+    """(HQ, model input, bicubic baseline) of the dev faces, framed and degraded as in training."""
+    return dev_tensors(dev_dataset(llvfsr, degradation, seed, align, faces, split), every)
+
+
+def dev_captions(ds, every: int = 1) -> list[str]:
+    """Template captions of the faces dev_tensors serves (same files, same order) from their file-name labels.
 
     UTKFace names carry age, gender and race: a face without labels gets "a photo of a face".
     """
     from priorface.inference.priors.captions import template_caption
-    from priorface.training.datasets import FaceDatasetConfig, parse_utkface_name, select_files
+    from priorface.training.datasets import parse_utkface_name
 
-    files = select_files(
-        FaceDatasetConfig(hq_dirs=[str(d) for d in (faces or DEV)], split=split, split_seed=0)
-    )
-    return [template_caption(parse_utkface_name(rel)) for _p, rel in files[::every]]
+    return [template_caption(parse_utkface_name(rel)) for _p, rel in ds.files[::every]]
 
 
 def crop_landmarks_of(images: torch.Tensor, llvfsr, side: int, source: str):
@@ -152,13 +159,12 @@ def main(argv=None) -> int:
 
     models = [load_llvfsr_model(w) for w in args.weights]
     degradation = args.degradation or models[0].task.get("degradation", "bicubic_x8")
-    hq, lq, baseline = dev_set(
-        models[0], degradation, args.seed, args.align, args.faces, args.every, args.split
-    )
+    ds = dev_dataset(models[0], degradation, args.seed, args.align, args.faces, args.split)
+    hq, lq, baseline = dev_tensors(ds, args.every)
     landmarks = crop_landmarks_of(
         hq if args.landmarks == "hr" else baseline, models[0], lq.shape[-1], args.landmarks
     )
-    captions = dev_captions(args.faces, args.every, args.split) if args.captions == "labels" else None
+    captions = dev_captions(ds, args.every) if args.captions == "labels" else None
     rows = [scores("bicubic", baseline, hq)]
     outputs = []
     for path, m in zip(args.weights, models, strict=True):

@@ -62,7 +62,7 @@ class FaceDatasetConfig:
     extra: dict = field(default_factory=dict)  # free-form settings recorded with the dataset
 
 
-def sharpen_bchw(images: torch.Tensor, weight: float, radius: float) -> torch.Tensor:
+def sharpen_bchw(images: torch.Tensor, weight: float, radius: int) -> torch.Tensor:
     """Unsharp-mask each image of a [B,3,H,W] batch (Real-ESRGAN's soft-masked USM)."""
     from ..inference.degradations.ops import to_chw, to_hwc, usm_sharpen
 
