@@ -113,6 +113,18 @@ def estimate_similarity(src_pts: np.ndarray, dst_pts: np.ndarray) -> np.ndarray:
     return np.hstack([scale * rot, (mu_d - scale * rot @ mu_s)[:, None]])
 
 
+def apply_affine(points, affine: np.ndarray) -> np.ndarray:
+    """Points ``[..., 2]`` (pixel-centre coordinates) mapped by a 2x3 affine, as float64."""
+    return np.asarray(points, dtype=np.float64) @ affine[:, :2].T + affine[:, 2]
+
+
+def mirror_landmarks(landmarks: torch.Tensor, size: int) -> torch.Tensor:
+    """5-point landmarks ``[..., 5, 2]`` of a horizontally flipped ``size``-wide crop: x mirrored, left/right swapped."""
+    out = landmarks[..., [1, 0, 2, 4, 3], :].clone()
+    out[..., 0] = size - 1 - out[..., 0]
+    return out
+
+
 def _mat3(m: np.ndarray) -> np.ndarray:
     return np.vstack([np.asarray(m, dtype=np.float64)[:2], [0.0, 0.0, 1.0]])
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .face_align import align_faces, paste_faces
+from .face_align import align_faces, apply_affine, paste_faces
 from .face_detection import detect_faces
 from .face_types import FaceData
 from .images import resize_bchw
@@ -32,6 +32,12 @@ def crop_faces(
     """Detect faces in a BCHW batch and return (aligned crops [N,3,size,size], FaceData)."""
     faces = detect_faces(images, backend=backend, model_path=model_path, **detect_options)
     return align_faces(images, faces, template=template, size=size)
+
+
+def crop_landmarks(data: FaceData) -> torch.Tensor:
+    """Each detected face's landmarks mapped into its aligned crop, [N,5,2]."""
+    out = [apply_affine(af.face.landmarks, af.affine) for af in data.faces]
+    return torch.tensor(np.stack(out), dtype=torch.float32) if out else torch.zeros(0, 5, 2)
 
 
 def _check_photos_match(images: torch.Tensor, data: FaceData) -> None:

@@ -163,15 +163,6 @@ def run_batched(model: torch.nn.Module, lr: torch.Tensor, kwargs: dict, batch_si
     return torch.cat(outs)
 
 
-def crop_landmarks(data: FaceData) -> torch.Tensor:
-    """Each detected face's landmarks mapped into its aligned crop, [N,5,2]."""
-    out = []
-    for af in data.faces:
-        pts = np.asarray(af.face.landmarks, dtype=np.float64)
-        out.append(pts @ af.affine[:, :2].T + af.affine[:, 2])
-    return torch.tensor(np.stack(out), dtype=torch.float32) if out else torch.zeros(0, 5, 2)
-
-
 def restore_photo(
     llvfsr: LLVFSRModel,
     photos: torch.Tensor,
@@ -186,7 +177,7 @@ def restore_photo(
 
     Returns (photos, face data, one line per face saying what was done with it).
     """
-    from .face_pipeline import crop_faces, paste_back
+    from .face_pipeline import crop_faces, crop_landmarks, paste_back
 
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")

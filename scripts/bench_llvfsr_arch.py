@@ -114,7 +114,7 @@ def dev_gain(model, task) -> tuple[float, float]:
     hq, lq, base = dev_set(Frame, task.cfg.degradation, 1234, align="reframe")
     model.eval()
     with torch.no_grad():
-        priors = task.priors_for([""] * len(lq), [{}] * len(lq), torch.device("cpu"))
+        priors = task.priors_for([{}] * len(lq), torch.device("cpu"))
         out = model(lq, **priors).clamp(0, 1)
     return float(psnr(base, hq).mean()), float(psnr(out, hq).mean())
 

@@ -12,6 +12,7 @@ from PIL import Image
 from priorface.training.datasets import (
     FaceDataset,
     FaceDatasetConfig,
+    lookup_landmarks,
     parse_utkface_name,
     precompute_lq,
     split_of,
@@ -142,6 +143,14 @@ def test_realign_ffhq_faces_to_the_utkface_template():
 
 
 @pytest.mark.skipif(not FFHQ.is_dir(), reason="shared FFHQ faces not present")
+def test_landmark_table_lookup_by_name_stem_or_file_name():
+    table = {"a/1.jpg": [[1, 1]] * 5, "b/2": [[2, 2]] * 5, "3.png": [[3, 3]] * 5}
+    assert lookup_landmarks(table, "a/1.jpg")[0] == [1, 1]
+    assert lookup_landmarks(table, "b/2.jpg")[0] == [2, 2]
+    assert lookup_landmarks(table, "c/3.png")[0] == [3, 3]
+    assert lookup_landmarks(table, "a/4.jpg") is None
+
+
 def test_reframing_from_a_known_template_puts_eyes_on_the_template():
     from priorface.inference.face_align import template_points
     from priorface.inference.face_detection import detect_faces
@@ -155,12 +164,18 @@ def test_reframing_from_a_known_template_puts_eyes_on_the_template():
         # FFHQ's own alignment is not exactly the 5-point template: a few pixels apart at most.
         found = detect_faces(reframed[i]["hq"].unsqueeze(0), "dlib", upsample=1)
         assert found and np.abs(found[0].landmarks[:2] - eyes).max() < 6
+        assert np.abs(reframed[i]["landmarks"].numpy() - template_points("utkface", 128)).max() < 1e-3
 
 
 def test_stored_landmarks_align_like_the_template_and_missing_ones_resize(faces_dir, tmp_path):
     import json
 
-    from priorface.inference.face_align import estimate_similarity, template_points, warp_affine
+    from priorface.inference.face_align import (
+        estimate_similarity,
+        mirror_landmarks,
+        template_points,
+        warp_affine,
+    )
     from priorface.inference.images import load_image_file
 
     # Landmarks of a face rotated by 10 degrees about the image centre: alignment must undo that.
@@ -189,6 +204,26 @@ def test_stored_landmarks_align_like_the_template_and_missing_ones_resize(faces_
     assert not torch.allclose(
         ds[names.index("20_0_0_2017.jpg")]["hq"], ds0_item(faces_dir, "20_0_0_2017.jpg")
     )
+    # The points travel with the face: on the template after alignment, unknown (NaN) when resized.
+    assert torch.allclose(
+        ds[names.index("20_0_0_2017.jpg")]["landmarks"],
+        torch.from_numpy(template_points("utkface", 32)).float(),
+        atol=1e-4,
+    )
+    assert torch.isnan(ds[names.index("21_1_1_2017.jpg")]["landmarks"]).all()
+    # Without alignment they are scaled with the resize (pixel centres) and mirrored with a flip.
+    plain = FaceDataset(FaceDatasetConfig(**{**vars(cfg), "align": "none", "hflip": True, "split": "all"}))
+    index = names.index("20_0_0_2017.jpg")
+    scaled = torch.from_numpy((points + 0.5) * (32 / 40) - 0.5).float()
+    seen = set()
+    for epoch in range(8):  # seeded coins: both outcomes occur within a few epochs
+        plain.set_epoch(epoch)
+        item = plain[index]
+        flipped = '"hflip": true' in item["degradation"]
+        seen.add(flipped)
+        want = mirror_landmarks(scaled, 32) if flipped else scaled
+        assert torch.allclose(item["landmarks"], want, atol=1e-5)
+    assert seen == {True, False}
 
 
 def ds0_item(faces_dir, name):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from priorface.inference.face_align import mirror_landmarks
 from priorface.inference.llvfsr_restore import load_llvfsr_model, restore_photo, upscale_faces
 from priorface.inference.priors.bundle import PriorBundle, PriorMismatchError
 from priorface.training.llvfsr_task import LLVFSRTask, LLVFSRTaskConfig
@@ -118,7 +120,9 @@ def test_nodes(comfy_env, check_outputs, trained):
 
 def _utk_task(**kw) -> LLVFSRTask:
     return LLVFSRTask(
-        LLVFSRTaskConfig(train_dirs=[str(SHARED / "train" / "utkface")], model=TINY, max_train_items=8, **kw)
+        LLVFSRTaskConfig(
+            **{"train_dirs": [str(SHARED / "train" / "utkface")], "model": TINY, "max_train_items": 8, **kw}
+        )
     )
 
 
@@ -130,13 +134,14 @@ def test_hflip_mirrors_face_input_and_mask_together():
     assert torch.equal(flipping[i]["hq"], plain[i]["hq"].flip(-1))
     assert torch.equal(flipping[i]["lq"], plain[i]["lq"].flip(-1))
     task, item = _utk_task(hflip=True), flipping[i]
-    straight = task.priors_for([item["name"]] * 2, [item["labels"]] * 2, "cpu")["mask"]
+    straight = task.priors_for([item["labels"]] * 2, "cpu")["mask"]
     mirrored = task.collate([item, plain[i]], torch.device("cpu"))["priors"]["mask"]
     assert not torch.equal(straight[0], straight[0].flip(-1))  # the test would be void otherwise
     assert torch.equal(mirrored[0], straight[0].flip(-1)) and torch.equal(mirrored[1], straight[1])
     # Aligned faces on the template's points mirror the same way (their landmarks are one shared row).
     aligned = _utk_task(hflip=True, align_train=True)
-    pair = aligned.priors_for(["a", "b"], [{}, {}], "cpu", flipped=[True, False])["mask"]
+    items = [{"degradation": json.dumps({"hflip": f}), "landmarks": item["landmarks"]} for f in (True, False)]
+    pair = aligned.priors_for([{}, {}], "cpu", aligned.batch_landmarks(items))["mask"]
     assert torch.equal(pair[0], pair[1].flip(-1)) and not torch.equal(pair[0], pair[1])
 
 
@@ -173,26 +178,38 @@ def test_init_from_starts_from_weights_of_the_same_config(trained):
 
 
 def test_own_mask_landmarks_follow_each_face_through_its_alignment(tmp_path):
-    import json
-
     from priorface.inference.face_align import template_points
 
-    task = _utk_task()
-    names = [str(Path(rel).with_suffix("")) for _p, rel in task.train_set().files[:2]]
-    template = template_points("utkface", 128)
+    names = [rel for _p, rel in _utk_task().train_set().files[:3]]
+    template = torch.from_numpy(template_points("utkface", 128)).float()
     angle = np.deg2rad(12)
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    moved = (template * 1.4) @ rot.T + [20.0, 5.0]  # a similarity of the template, in source pixels
+    moved = (template.numpy() * 1.4) @ rot.T + [20.0, 5.0]  # a similarity of the template, in source pixels
     odd = moved.copy()
     odd[3] += [0.0, 9.0]  # this face's left mouth corner sits lower than the template's
     path = tmp_path / "landmarks.json"
-    path.write_text(json.dumps({names[0] + ".jpg": moved.tolist(), names[1] + ".jpg": odd.tolist()}))
-    kw = dict(align_train=True, landmarks_json=str(path))
-    own = _utk_task(**kw, mask_landmarks="own")._landmarks_for(names)
-    assert torch.allclose(own[0], torch.from_numpy(template).float(), atol=1e-3)
-    assert (own[1] - torch.from_numpy(template).float()).norm(dim=1).max() > 2.0
-    fixed = _utk_task(**kw)._landmarks_for(names)
-    assert torch.allclose(fixed[1], torch.from_numpy(template).float())
+    # The third face has no entry: the template is its guess.
+    path.write_text(json.dumps({names[0]: moved.tolist(), names[1]: odd.tolist()}))
+    kw = dict(align_train=True, landmarks_json=str(path), max_train_items=3)
+    own_task = _utk_task(**kw, mask_landmarks="own")
+    items = [own_task.train_set()[i] for i in range(3)]
+    own = own_task.batch_landmarks(items)
+    assert torch.allclose(own[0], template, atol=1e-3)
+    assert (own[1] - template).norm(dim=1).max() > 2.0
+    assert torch.equal(own[2], template) and torch.isnan(items[2]["landmarks"]).all()
+    fixed = _utk_task(**kw).batch_landmarks(items)
+    assert torch.equal(fixed[1], template)
+    # Flipped: the face's own points mirrored along with it.
+    flip_task = _utk_task(**kw, mask_landmarks="own", hflip=True)
+    ds = flip_task.train_set()
+    flipped = [it for it in (ds[i] for i in range(3)) if '"hflip": true' in it["degradation"]]
+    assert flipped  # the seeded coins flip at least one of the three (else the loop tests nothing)
+    for it in flipped:
+        i = names.index(
+            next(rel for _p, rel in ds.files if Path(rel).with_suffix("").as_posix() == it["name"])
+        )
+        want = mirror_landmarks(own[i], 128) if i < 2 else mirror_landmarks(template, 128)
+        assert torch.allclose(flip_task.batch_landmarks([it])[0], want, atol=1e-5)
     with pytest.raises(ValueError, match="mask_landmarks"):
         _utk_task(mask_landmarks="detected")
 

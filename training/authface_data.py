@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..inference.images import list_images, load_image_file, resize_bchw
-from .datasets import item_seed, parse_utkface_name, split_of
+from .datasets import item_seed, lookup_landmarks, parse_utkface_name, split_of
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class AuthFaceDataset(torch.utils.data.Dataset):
         from ..inference.face_align import template_points
 
         rel = self.files[index][1]
-        points = self._landmarks.get(rel, self._landmarks.get(str(Path(rel).with_suffix(""))))
+        points = lookup_landmarks(self._landmarks, rel)
         if points is not None:
             return np.asarray(points, dtype=np.float64).reshape(5, 2)
         # Template points are for a square crop; scale each axis for non-square files.

@@ -3,7 +3,12 @@
 Items are dicts of CHW float tensors in [0, 1] plus bookkeeping::
 
     {"hq": [3,S,S], "lq": [3,s,s], "name": "00001", "index": 7,
-     "degradation": "<JSON of drawn parameters>", "labels": {...}, "priors": {...}}
+     "degradation": "<JSON of drawn parameters>", "labels": {...}, "priors": {...},
+     "landmarks": [5,2]}
+
+``landmarks`` are the face's 5 points in HQ pixels (pixel-centre coordinates), carried through
+the same resize / alignment / flip as the HQ face; NaN where the file's points are not known
+(no ``landmarks_json`` entry, or a detected face without a landmark fit).
 
 Determinism: the split depends only on each file's relative name (a hash), so adding files never
 moves existing ones between train and validation; the LQ of item ``i`` in epoch ``e`` is drawn
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 
 from ..inference.degradations import MODES, degrade
+from ..inference.face_align import mirror_landmarks
 from ..inference.images import list_images, resize_bchw, save_image_file
 from ..inference.images import load_image_file as load_image
 
@@ -78,6 +84,14 @@ def parse_utkface_name(name: str) -> dict | None:
     return {"age": age, "gender": _UTK_GENDER[gender], "race": _UTK_RACE[race]}
 
 
+def lookup_landmarks(table: dict, rel: str):
+    """A file's 5 points in a scripts/face_landmarks.py table: by relative name, without suffix, or file name."""
+    for key in (rel, str(Path(rel).with_suffix("")), Path(rel).name):
+        if key in table:
+            return table[key]
+    return None
+
+
 def split_of(relative_name: str, val_fraction: float, seed: int = 0) -> str:
     """'val' or 'train' for a file, from a hash of its relative name (stable as folders grow)."""
     digest = hashlib.sha1(f"{seed}:{relative_name}".encode()).digest()
@@ -98,6 +112,13 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     """Seed of the LQ synthesis of one item in one epoch (independent of worker and batch)."""
     digest = hashlib.sha1(f"{seed}:{epoch}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
+
+
+_UNKNOWN_POINTS = torch.full((5, 2), float("nan"))
+
+
+def _points_tensor(points: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(points, np.float64).reshape(5, 2), dtype=torch.float32)
 
 
 class FaceDataset(torch.utils.data.Dataset):
@@ -149,7 +170,7 @@ class FaceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         path, rel = self.files[index]
         cfg = self.config
-        hq = self.load_hq(path, rel)
+        hq, landmarks = self.load_hq_and_landmarks(path, rel)
         if cfg.hq_usm:
             hq = sharpen_bchw(hq, *cfg.hq_usm)
         seed = item_seed(cfg.seed, self.epoch, index)
@@ -163,6 +184,7 @@ class FaceDataset(torch.utils.data.Dataset):
             lq, params = degrade(hq, cfg.degradation, seed, cfg.lq_size)
         if cfg.hflip and cfg.split != "val" and np.random.default_rng(seed).random() < 0.5:
             hq, lq = hq.flip(-1), lq.flip(-1)
+            landmarks = mirror_landmarks(landmarks, cfg.size)
             params["hflip"] = True
         item = {
             "hq": hq[0],
@@ -171,6 +193,7 @@ class FaceDataset(torch.utils.data.Dataset):
             "index": index,
             "degradation": json.dumps(params),
             "labels": parse_utkface_name(rel) or {},
+            "landmarks": landmarks,
         }
         if cfg.priors_dir:
             item["priors"] = self._load_priors(stem)
@@ -178,48 +201,64 @@ class FaceDataset(torch.utils.data.Dataset):
 
     def load_hq(self, path: Path, rel: str) -> torch.Tensor:
         """HQ face as [1,3,size,size]: resized, or aligned to the chosen template."""
+        return self.load_hq_and_landmarks(path, rel)[0]
+
+    def load_hq_and_landmarks(self, path: Path, rel: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """HQ face [1,3,size,size] and its 5 points [5,2] in HQ pixels (NaN where unknown)."""
         image = load_image(path).unsqueeze(0)
         cfg = self.config
         if cfg.align == "none":
-            return resize_bchw(image, cfg.size, cfg.size)
+            return resize_bchw(image, cfg.size, cfg.size), self._resized_landmarks(image, rel)
         if cfg.source_template:
             return self._reframe(image)
         if cfg.landmarks_json:
             return self._align_with_landmarks(image, rel)
-        from ..inference.face_pipeline import crop_faces
+        from ..inference.face_pipeline import crop_faces, crop_landmarks
 
         crops, data = crop_faces(image, cfg.detector, template=cfg.align, size=cfg.size, max_faces=1)
         if not data.faces:
             # Keep the item (the file is still a face picture); say so instead of silently dropping it.
             log.warning("no face found in %s; using the whole image resized", path)
-            return resize_bchw(image, cfg.size, cfg.size)
-        return crops
+            return resize_bchw(image, cfg.size, cfg.size), _UNKNOWN_POINTS.clone()
+        return crops, crop_landmarks(data)[0]
 
-    def _align_with_landmarks(self, image: torch.Tensor, rel: str) -> torch.Tensor:
+    def _landmark_table(self) -> dict:
+        if self._landmarks is None:
+            self._landmarks = json.loads(Path(self.config.landmarks_json).read_text())
+        return self._landmarks
+
+    def _resized_landmarks(self, image: torch.Tensor, rel: str) -> torch.Tensor:
+        """The file's stored points scaled with the whole-image resize (NaN without a table entry)."""
+        points = lookup_landmarks(self._landmark_table(), rel) if self.config.landmarks_json else None
+        if points is None:
+            return _UNKNOWN_POINTS.clone()
+        h, w = image.shape[-2:]
+        scale = np.array([self.config.size / w, self.config.size / h])
+        return _points_tensor((np.asarray(points, np.float64) + 0.5) * scale - 0.5)
+
+    def _align_with_landmarks(self, image: torch.Tensor, rel: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarity-align with the file's stored 5 landmarks (as the face pipeline does at inference)."""
-        from ..inference.face_align import estimate_similarity, template_points, warp_affine
+        from ..inference.face_align import apply_affine, estimate_similarity, template_points, warp_affine
 
         cfg = self.config
-        if self._landmarks is None:
-            self._landmarks = json.loads(Path(cfg.landmarks_json).read_text())
-        points = self._landmarks.get(rel, self._landmarks.get(Path(rel).name))
+        points = lookup_landmarks(self._landmark_table(), rel)
         if points is None:
-            return resize_bchw(image, cfg.size, cfg.size)  # no face found when the JSON was made
+            # No face found when the JSON was made: the whole picture, resized.
+            return resize_bchw(image, cfg.size, cfg.size), _UNKNOWN_POINTS.clone()
         affine = estimate_similarity(np.asarray(points, np.float32), template_points(cfg.align, cfg.size))
-        return warp_affine(image, affine, (cfg.size, cfg.size))
+        return warp_affine(image, affine, (cfg.size, cfg.size)), _points_tensor(apply_affine(points, affine))
 
-    def _reframe(self, image: torch.Tensor) -> torch.Tensor:
+    def _reframe(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact change of framing between two templates (no detection, same for every file)."""
-        from ..inference.face_align import estimate_similarity, template_points, warp_affine
+        from ..inference.face_align import apply_affine, estimate_similarity, template_points, warp_affine
 
         cfg = self.config
         h, w = image.shape[-2:]
         if h != w:
             raise ValueError(f"source_template expects square aligned faces, got {w}x{h}")
-        affine = estimate_similarity(
-            template_points(cfg.source_template, h), template_points(cfg.align, cfg.size)
-        )
-        return warp_affine(image, affine, (cfg.size, cfg.size))
+        source = template_points(cfg.source_template, h)
+        affine = estimate_similarity(source, template_points(cfg.align, cfg.size))
+        return warp_affine(image, affine, (cfg.size, cfg.size)), _points_tensor(apply_affine(source, affine))
 
     def _load_priors(self, stem: str) -> dict[str, torch.Tensor]:
         from ..models.checkpoint import read_checkpoint

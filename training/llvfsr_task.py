@@ -39,11 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..inference.face_align import estimate_similarity, template_points
+from ..inference.face_align import mirror_landmarks, template_points
 from ..inference.images import resize_bchw
 from ..inference.llvfsr_restore import run_batched
 from ..models.llvfsr import build_llvfsr, save_llvfsr
@@ -75,7 +74,9 @@ class LLVFSRTaskConfig:
     # "all" trains on every file; "train" holds out the hash-based 5 % "val" split of train_dirs
     # (FaceDataset's split, seed 0) so that faces of the training framing can be measured unseen
     train_split: str = "all"
-    source_size: int = 200  # side of the training files the landmarks were measured on
+    # Unused since FaceDataset scales stored landmarks by each file's own size; kept so job files that
+    # name it still load.
+    source_size: int = 200
     priors: list[str] = field(default_factory=lambda: ["mask", "caption"])
     preset: str = "small"
     model: dict = field(default_factory=dict)  # LLVFSRConfig overrides
@@ -107,7 +108,6 @@ class LLVFSRTask(TrainTask):
             _check_cached_config(cfg)
         self.cfg = cfg
         self._cached: CachedPriors | None = None
-        self._landmarks = json.loads(Path(cfg.landmarks_json).read_text()) if cfg.landmarks_json else {}
         self._caption_cache: dict[str, Any] = {}
         self._encoder = None
         self._val = None
@@ -234,7 +234,7 @@ class LLVFSRTask(TrainTask):
                 split=self.cfg.train_split,
                 max_items=self.cfg.max_train_items,
                 align=self.cfg.template if self.cfg.align_train else "none",
-                landmarks_json=self.cfg.landmarks_json if self.cfg.align_train else None,
+                landmarks_json=self.cfg.landmarks_json,  # aligns (align_train) or only places the mask
                 priors_dir=priors_dir,
                 hflip=self.cfg.hflip,
                 hq_usm=self.cfg.hq_usm,
@@ -259,42 +259,33 @@ class LLVFSRTask(TrainTask):
                 self._caption_cache[t] = emb.select([i])
         return concat_embeddings([self._caption_cache[t] for t in texts])
 
-    def _landmarks_for(self, names: list[str]) -> torch.Tensor:
-        """[B,5,2] landmarks in HR pixels: detected ones scaled from the source files, else the template."""
-        template = template_points(self.cfg.template, self.cfg.size)
-        fallback = torch.from_numpy(template).float()
-        if self.cfg.align_train and self.cfg.mask_landmarks == "template":
-            return fallback.repeat(len(names), 1, 1)  # aligned faces sit on the template
-        scale = self.cfg.size / self.cfg.source_size
-        out = []
-        for name in names:
-            points = next(
-                (self._landmarks[k] for k in (name + ".jpg", name + ".png", name) if k in self._landmarks),
-                None,
-            )
-            if points is None:
-                out.append(fallback)  # no landmarks: the face was resized, the template is the guess
-            elif self.cfg.align_train:
-                # The same similarity FaceDataset warped the face with, applied to its own points.
-                src = np.asarray(points, np.float64)
-                affine = estimate_similarity(src, template)
-                out.append(torch.from_numpy(src @ affine[:, :2].T + affine[:, 2]).float())
-            else:
-                out.append(torch.tensor(points).float() * scale)
-        return torch.stack(out)
+    def batch_landmarks(self, items: list[dict]) -> torch.Tensor:
+        """[B,5,2] mask landmarks in HR pixels: each face's own (as FaceDataset carried them) or the template's.
 
-    def priors_for(
-        self, names: list[str], labels: list[dict], device, flipped: list[bool] | None = None
-    ) -> dict[str, Any]:
-        """Keyword arguments of the model's forward for these faces (``flipped``: mirrored items)."""
+        With ``align_train`` and ``mask_landmarks`` "template" every face gets the template (what it
+        was warped onto); faces whose points are unknown get it too. Flipped items get it mirrored.
+        """
+        template = torch.from_numpy(template_points(self.cfg.template, self.cfg.size)).float()
+        use_template = self.cfg.align_train and self.cfg.mask_landmarks == "template"
+        rows = []
+        for it in items:
+            own = it.get("landmarks")
+            if use_template or own is None or not bool(torch.isfinite(own).all()):
+                flipped = bool(json.loads(it["degradation"]).get("hflip"))
+                own = mirror_landmarks(template, self.cfg.size) if flipped else template
+            rows.append(own)
+        return torch.stack(rows)
+
+    def priors_for(self, labels: list[dict], device, landmarks: torch.Tensor | None = None) -> dict[str, Any]:
+        """Keyword arguments of the model's forward for these faces (``landmarks`` [B,5,2]; None: the template)."""
         from ..inference.priors.captions import template_caption, template_description
         from ..inference.priors.landmark_mask import landmark_mask
 
         kwargs: dict[str, Any] = {}
-        lm = self._landmarks_for(names)
-        if flipped and any(flipped):
-            rows = torch.tensor(flipped)
-            lm[rows] = mirror_landmarks(lm[rows], self.cfg.size)
+        if landmarks is None:
+            template = torch.from_numpy(template_points(self.cfg.template, self.cfg.size)).float()
+            landmarks = template.repeat(len(labels), 1, 1)
+        lm = landmarks
         if "mask" in self.cfg.priors:
             kwargs["mask"] = landmark_mask(lm, self.cfg.size, self.cfg.size).to(device)
         texts = {}
@@ -321,10 +312,7 @@ class LLVFSRTask(TrainTask):
                 [it["priors"] for it in items], self._used_priors(), device
             )
             return batch
-        flipped = [bool(json.loads(it["degradation"]).get("hflip")) for it in items]
-        batch["priors"] = self.priors_for(
-            [it["name"] for it in items], [it["labels"] for it in items], device, flipped
-        )
+        batch["priors"] = self.priors_for([it["labels"] for it in items], device, self.batch_landmarks(items))
         return batch
 
     # -- loss, validation, export --------------------------------------------------------------
@@ -458,10 +446,3 @@ def _check_cached_config(cfg: LLVFSRTaskConfig) -> None:
             "val_dirs with priors_dir needs val_priors_dir: cached priors of the validation faces "
             "(write the faces with LLVFSRTask.write_val_faces, then run priorface priors on that folder)"
         )
-
-
-def mirror_landmarks(landmarks: torch.Tensor, size: int) -> torch.Tensor:
-    """5-point landmarks [B,5,2] of the horizontally flipped crop: x mirrored, left/right points swapped."""
-    out = landmarks[:, [1, 0, 2, 4, 3]].clone()
-    out[..., 0] = size - 1 - out[..., 0]
-    return out
