@@ -120,6 +120,33 @@ def scores(name: str, out: torch.Tensor, hq: torch.Tensor) -> dict:
     }
 
 
+def print_band_table(names: list[str], outputs: list[torch.Tensor], hq: torch.Tensor) -> None:
+    """Per octave band: the HR faces' energy and each method's squared error (x 1e4), and the share recovered."""
+    from priorface.inference.metrics.frequency_bands import band_errors
+
+    sides = tuple(hq.shape[-1] // d for d in (8, 4, 2))
+    tables = [band_errors(out, hq, sides) for out in outputs]
+    print(f"error per band (mean square x 1e4; recovered = 1 - error / {names[0]} error):")
+    print(f"{'band':>8s} {'HR energy':>10s} " + " ".join(f"{n[:24]:>24s}" for n in names))
+    for i, row in enumerate(tables[0]):
+        cells = []
+        for t in tables:
+            share = 1.0 - t[i]["error"] / row["error"] if row["error"] > 0 else float("nan")
+            cells.append(f"{t[i]['error'] * 1e4:9.2f} ({share:+6.1%})")
+        print(f"{row['band']:>8s} {row['energy'] * 1e4:10.2f} " + " ".join(f"{c:>24s}" for c in cells))
+    # The same PSNR with the top octave removed from every picture: the gain a model could show if the
+    # HR faces held no detail finer than half their sampling rate (which no L1-trained model guesses).
+    from priorface.inference.metrics.frequency_bands import low_pass
+    from priorface.inference.metrics.psnr_ssim import psnr
+
+    ref = low_pass(hq.double(), sides[-1]).clamp(0, 1)
+    base = float(psnr(low_pass(outputs[0].double(), sides[-1]).clamp(0, 1), ref).mean())
+    gains = [float(psnr(low_pass(o.double(), sides[-1]).clamp(0, 1), ref).mean()) - base for o in outputs[1:]]
+    print(
+        f"PSNR gain over {names[0]} without the >{sides[-1]} band: " + ", ".join(f"{g:+.2f}" for g in gains)
+    )
+
+
 def main(argv=None) -> int:
     """Print the dev-set table for the given weights files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -153,6 +180,11 @@ def main(argv=None) -> int:
         help="mask/description landmarks: the template's, or dlib's on the HR face or on the bicubic-upsampled LR",
     )
     parser.add_argument("--grid", help="write LR | bicubic | each model | HR for every dev face")
+    parser.add_argument(
+        "--bands",
+        action="store_true",
+        help="also print each method's error per octave band (<16, 16-32, 32-64, >64 px) next to the HR energy",
+    )
     args = parser.parse_args(argv)
 
     from priorface.inference.llvfsr_restore import load_llvfsr_model, upscale_faces
@@ -188,6 +220,8 @@ def main(argv=None) -> int:
         print(f"paired per-face PSNR difference to {rows[-1]['method']} (mean, 95% interval, faces better):")
         for r, out in zip(rows[1:-1], outputs[:-1], strict=True):
             print(f"  {r['method'][:48]:48s} {paired_difference(out, outputs[-1], hq)}")
+    if args.bands:
+        print_band_table([r["method"] for r in rows], [baseline, *outputs], hq)
     if args.grid:
         from priorface.inference.metrics.grid import make_grid
 

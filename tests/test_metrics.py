@@ -387,3 +387,26 @@ def test_identity_distance_node(comfy_env, check_outputs):
     assert "same person" in lines[0] and "different person" in lines[1]
     with pytest.raises(ValueError, match="2 images and image_b has 3"):
         IdentityDistanceNode().measure(a, torch.cat([b, b, b]), 0)
+
+
+def test_frequency_bands_add_up_and_locate_the_error():
+    from priorface.inference.metrics.frequency_bands import band_errors, band_split, low_pass
+
+    g = torch.Generator().manual_seed(0)
+    smooth = low_pass(torch.rand(2, 3, 16, 16, generator=g), 16)  # no detail: a 16-px picture
+    smooth = torch.nn.functional.interpolate(smooth, size=(128, 128), mode="bicubic", align_corners=False)
+    noise = torch.rand(2, 3, 128, 128, generator=g)
+    bands = band_split(noise)
+    assert list(bands) == ["<16", "16-32", "32-64", ">64"]
+    assert torch.allclose(sum(bands.values()), noise.double(), atol=1e-12)
+    top = {name: band_errors(x, x)[-1] for name, x in (("smooth", smooth), ("noise", noise))}
+    assert top["smooth"]["energy"] < 1e-3 * top["noise"]["energy"]
+    assert all(r["error"] == 0 for r in top.values())
+    # Losing only the top octave puts (almost) all of the error in the top band.
+    rows = band_errors(low_pass(noise, 64), noise)
+    assert rows[-1]["error"] > 0.8 * rows[-1]["energy"]
+    assert max(r["error"] for r in rows[:-1]) < 0.05 * rows[-1]["error"]
+    with pytest.raises(ValueError, match="band sides"):
+        band_split(noise, (16, 128))
+    with pytest.raises(ValueError, match="shape"):
+        band_errors(noise, smooth[..., :64, :64])
