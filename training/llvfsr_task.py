@@ -381,9 +381,10 @@ class LLVFSRTask(TrainTask):
         if self._val is None and self.cfg.val_dirs:
             ds = self._val_dataset()
             items = [ds[i] for i in range(len(ds))]
-            # Validation faces carry no landmarks file: template points, as for aligned crops at inference.
+            # Validation faces get the template's points (as aligned crops at inference without
+            # landmarks; the same mask in every run's curve) and no labels.
             for it in items:
-                it["name"], it["labels"] = "<template>", {}
+                it["labels"], it["landmarks"] = {}, torch.full((5, 2), float("nan"))
             self._val = self.collate(items, torch.device("cpu"))
         return self._val
 
