@@ -28,7 +28,13 @@ import numpy as np
 import torch
 
 from ..inference.degradations import MODES, degrade
-from ..inference.face_align import mirror_landmarks
+from ..inference.face_align import (
+    apply_affine,
+    estimate_similarity,
+    mirror_landmarks,
+    template_points,
+    warp_affine,
+)
 from ..inference.images import list_images, resize_bchw, save_image_file
 from ..inference.images import load_image_file as load_image
 
@@ -114,7 +120,9 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-_UNKNOWN_POINTS = torch.full((5, 2), float("nan"))
+def unknown_landmarks() -> torch.Tensor:
+    """The [5,2] landmarks of a face whose points are not known (all NaN)."""
+    return torch.full((5, 2), float("nan"))
 
 
 def _points_tensor(points: np.ndarray) -> torch.Tensor:
@@ -219,7 +227,7 @@ class FaceDataset(torch.utils.data.Dataset):
         if not data.faces:
             # Keep the item (the file is still a face picture); say so instead of silently dropping it.
             log.warning("no face found in %s; using the whole image resized", path)
-            return resize_bchw(image, cfg.size, cfg.size), _UNKNOWN_POINTS.clone()
+            return resize_bchw(image, cfg.size, cfg.size), unknown_landmarks()
         return crops, crop_landmarks(data)[0]
 
     def _landmark_table(self) -> dict:
@@ -231,27 +239,23 @@ class FaceDataset(torch.utils.data.Dataset):
         """The file's stored points scaled with the whole-image resize (NaN without a table entry)."""
         points = lookup_landmarks(self._landmark_table(), rel) if self.config.landmarks_json else None
         if points is None:
-            return _UNKNOWN_POINTS.clone()
+            return unknown_landmarks()
         h, w = image.shape[-2:]
         scale = np.array([self.config.size / w, self.config.size / h])
         return _points_tensor((np.asarray(points, np.float64) + 0.5) * scale - 0.5)
 
     def _align_with_landmarks(self, image: torch.Tensor, rel: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarity-align with the file's stored 5 landmarks (as the face pipeline does at inference)."""
-        from ..inference.face_align import apply_affine, estimate_similarity, template_points, warp_affine
-
         cfg = self.config
         points = lookup_landmarks(self._landmark_table(), rel)
         if points is None:
             # No face found when the JSON was made: the whole picture, resized.
-            return resize_bchw(image, cfg.size, cfg.size), _UNKNOWN_POINTS.clone()
+            return resize_bchw(image, cfg.size, cfg.size), unknown_landmarks()
         affine = estimate_similarity(np.asarray(points, np.float32), template_points(cfg.align, cfg.size))
         return warp_affine(image, affine, (cfg.size, cfg.size)), _points_tensor(apply_affine(points, affine))
 
     def _reframe(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact change of framing between two templates (no detection, same for every file)."""
-        from ..inference.face_align import apply_affine, estimate_similarity, template_points, warp_affine
-
         cfg = self.config
         h, w = image.shape[-2:]
         if h != w:

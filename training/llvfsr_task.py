@@ -46,7 +46,7 @@ from ..inference.face_align import mirror_landmarks, template_points
 from ..inference.images import resize_bchw
 from ..inference.llvfsr_restore import run_batched
 from ..models.llvfsr import build_llvfsr, save_llvfsr
-from .datasets import FaceDataset, FaceDatasetConfig, select_files
+from .datasets import FaceDataset, FaceDatasetConfig, select_files, unknown_landmarks
 from .llvfsr_cached_priors import FILE_PRIOR, CachedPriors, cached_forward_kwargs, scan_prior_files
 from .loop import TrainTask
 
@@ -259,13 +259,17 @@ class LLVFSRTask(TrainTask):
                 self._caption_cache[t] = emb.select([i])
         return concat_embeddings([self._caption_cache[t] for t in texts])
 
+    def template_landmarks(self) -> torch.Tensor:
+        """[5,2] template points of the training framing, in HR pixels."""
+        return torch.from_numpy(template_points(self.cfg.template, self.cfg.size)).float()
+
     def batch_landmarks(self, items: list[dict]) -> torch.Tensor:
         """[B,5,2] mask landmarks in HR pixels: each face's own (as FaceDataset carried them) or the template's.
 
         With ``align_train`` and ``mask_landmarks`` "template" every face gets the template (what it
         was warped onto); faces whose points are unknown get it too. Flipped items get it mirrored.
         """
-        template = torch.from_numpy(template_points(self.cfg.template, self.cfg.size)).float()
+        template = self.template_landmarks()
         use_template = self.cfg.align_train and self.cfg.mask_landmarks == "template"
         rows = []
         for it in items:
@@ -282,10 +286,7 @@ class LLVFSRTask(TrainTask):
         from ..inference.priors.landmark_mask import landmark_mask
 
         kwargs: dict[str, Any] = {}
-        if landmarks is None:
-            template = torch.from_numpy(template_points(self.cfg.template, self.cfg.size)).float()
-            landmarks = template.repeat(len(labels), 1, 1)
-        lm = landmarks
+        lm = self.template_landmarks().repeat(len(labels), 1, 1) if landmarks is None else landmarks
         if "mask" in self.cfg.priors:
             kwargs["mask"] = landmark_mask(lm, self.cfg.size, self.cfg.size).to(device)
         texts = {}
@@ -384,7 +385,7 @@ class LLVFSRTask(TrainTask):
             # Validation faces get the template's points (as aligned crops at inference without
             # landmarks; the same mask in every run's curve) and no labels.
             for it in items:
-                it["labels"], it["landmarks"] = {}, torch.full((5, 2), float("nan"))
+                it["labels"], it["landmarks"] = {}, unknown_landmarks()
             self._val = self.collate(items, torch.device("cpu"))
         return self._val
 
