@@ -118,6 +118,13 @@ def apply_affine(points, affine: np.ndarray) -> np.ndarray:
     return np.asarray(points, dtype=np.float64) @ affine[:, :2].T + affine[:, 2]
 
 
+def rescale_points(points, sx: float, sy: float | None = None):
+    """Pixel-centre points ``[..., 2]`` (numpy or torch) in a picture resized by ``sx`` x ``sy`` (``sy``: ``sx``)."""
+    scale = [sx, sx if sy is None else sy]
+    scale = torch.tensor(scale, dtype=points.dtype) if torch.is_tensor(points) else np.array(scale)
+    return (points + 0.5) * scale - 0.5
+
+
 def mirror_landmarks(landmarks: torch.Tensor, size: int) -> torch.Tensor:
     """5-point landmarks ``[..., 5, 2]`` of a horizontally flipped ``size``-wide crop: x mirrored, left/right swapped."""
     out = landmarks[..., [1, 0, 2, 4, 3], :].clone()

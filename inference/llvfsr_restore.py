@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .face_align import template_points
+from .face_align import rescale_points, template_points
 from .face_types import FaceData
 from .images import resize_bchw
 from .priors.bundle import PriorBundle, TextEmbedding, check_compatible
@@ -100,7 +100,7 @@ def default_priors(
             torch.from_numpy(template_points(llvfsr.template, size)).float().expand(faces.shape[0], 5, 2)
         )
     else:
-        landmarks = (torch.as_tensor(landmarks, dtype=torch.float32) + 0.5) * (size / faces.shape[-1]) - 0.5
+        landmarks = rescale_points(torch.as_tensor(landmarks, dtype=torch.float32), size / faces.shape[-1])
     return extract_embedded_priors(
         resize_bchw(faces.float(), size, size),
         wanted,

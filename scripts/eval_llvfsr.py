@@ -87,11 +87,12 @@ def crop_landmarks_of(images: torch.Tensor, llvfsr, side: int, source: str):
     """None for "template"; else dlib's landmarks on ``images`` (aligned crops), in the frame of a ``side``-px input."""
     if source == "template":
         return None
+    from priorface.inference.face_align import rescale_points
     from priorface.inference.priors.landmark_mask import detect_crop_landmarks
 
     found, ok = detect_crop_landmarks(images, llvfsr.template)
     print(f"landmarks detected on the {source.upper()} faces: {sum(ok)} of {len(ok)} (others: template)")
-    return (found + 0.5) * (side / images.shape[-1]) - 0.5
+    return rescale_points(found, side / images.shape[-1])
 
 
 def paired_difference(a: torch.Tensor, b: torch.Tensor, hq: torch.Tensor) -> str:
@@ -122,7 +123,8 @@ def scores(name: str, out: torch.Tensor, hq: torch.Tensor) -> dict:
 
 def print_band_table(names: list[str], outputs: list[torch.Tensor], hq: torch.Tensor) -> None:
     """Per octave band: the HR faces' energy and each method's squared error (x 1e4), and the share recovered."""
-    from priorface.inference.metrics.frequency_bands import band_errors
+    from priorface.inference.metrics.frequency_bands import band_errors, low_pass
+    from priorface.inference.metrics.psnr_ssim import psnr
 
     sides = tuple(hq.shape[-1] // d for d in (8, 4, 2))
     tables = [band_errors(out, hq, sides) for out in outputs]
@@ -136,9 +138,6 @@ def print_band_table(names: list[str], outputs: list[torch.Tensor], hq: torch.Te
         print(f"{row['band']:>8s} {row['energy'] * 1e4:10.2f} " + " ".join(f"{c:>24s}" for c in cells))
     # The same PSNR with the top octave removed from every picture: the gain a model could show if the
     # HR faces held no detail finer than half their sampling rate (which no L1-trained model guesses).
-    from priorface.inference.metrics.frequency_bands import low_pass
-    from priorface.inference.metrics.psnr_ssim import psnr
-
     ref = low_pass(hq.double(), sides[-1]).clamp(0, 1)
     base = float(psnr(low_pass(outputs[0].double(), sides[-1]).clamp(0, 1), ref).mean())
     gains = [float(psnr(low_pass(o.double(), sides[-1]).clamp(0, 1), ref).mean()) - base for o in outputs[1:]]

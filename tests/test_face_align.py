@@ -299,3 +299,15 @@ def test_real_photo_round_trip(name):
     )
     assert mean_in < 1.0 and max_in < 12.0
     assert far.max() == 0
+
+
+def test_rescale_points_maps_pixel_centres_for_numpy_and_torch():
+    from priorface.inference.face_align import rescale_points
+
+    pts = np.array([[0.0, 0.0], [3.5, 7.0]])
+    # Pixel 0 of a 4-px row covers [-0.5, 0.5]; halved, its centre lands at -0.25 of the 2-px row.
+    assert np.allclose(rescale_points(pts, 0.5), [[-0.25, -0.25], [1.5, 3.25]])
+    assert np.allclose(rescale_points(pts, 2.0, 1.0), [[0.5, 0.0], [7.5, 7.0]])
+    as_torch = rescale_points(torch.from_numpy(pts).float(), 2.0, 1.0)
+    assert torch.is_tensor(as_torch) and as_torch.dtype == torch.float32
+    assert np.allclose(as_torch.numpy(), rescale_points(pts, 2.0, 1.0))

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..inference.face_align import mirror_landmarks, rescale_points
 from ..inference.images import list_images, load_image_file, resize_bchw
 from .datasets import item_seed, lookup_landmarks, parse_utkface_name, split_of
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 CAPTION_SOURCES = ("txt", "json", "template", "authface_tags", "none")
 # Flipping a face mirrors x and swaps the sides: 5-point order is (eye L, eye R, nose, mouth L, mouth R).
-_FLIP_ORDER = [1, 0, 2, 4, 3]
 
 
 @dataclass
@@ -169,12 +169,12 @@ class AuthFaceDataset(torch.utils.data.Dataset):
         rh, rw, top, left = _center_crop_box(h, w, size)
         hq = resize_bchw(image, rh, rw)[..., top : top + size, left : left + size].clamp(0.0, 1.0)
         lm = self.landmarks_of(index, h, w)
-        lm = (lm + 0.5) * np.array([rw / w, rh / h]) - 0.5 - np.array([left, top])
+        lm = rescale_points(lm, rw / w, rh / h) - np.array([left, top])
         seed = item_seed(cfg.seed, self.epoch, index)
         # Its own stream: the degradation draws from default_rng(seed) and must not correlate with it.
         if cfg.hflip and np.random.default_rng([seed, 1]).random() < 0.5:
             hq = hq.flip(-1)
-            lm = lm[_FLIP_ORDER] * np.array([-1.0, 1.0]) + np.array([size - 1.0, 0.0])
+            lm = mirror_landmarks(torch.from_numpy(lm), size).numpy()
         boxes = eye_mouth_boxes(torch.from_numpy(lm).float()[None], size)[0]
         item = {
             "hq": hq[0],

@@ -32,6 +32,7 @@ from ..inference.face_align import (
     apply_affine,
     estimate_similarity,
     mirror_landmarks,
+    rescale_points,
     template_points,
     warp_affine,
 )
@@ -241,8 +242,9 @@ class FaceDataset(torch.utils.data.Dataset):
         if points is None:
             return unknown_landmarks()
         h, w = image.shape[-2:]
-        scale = np.array([self.config.size / w, self.config.size / h])
-        return _points_tensor((np.asarray(points, np.float64) + 0.5) * scale - 0.5)
+        return _points_tensor(
+            rescale_points(np.asarray(points, np.float64), self.config.size / w, self.config.size / h)
+        )
 
     def _align_with_landmarks(self, image: torch.Tensor, rel: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarity-align with the file's stored 5 landmarks (as the face pipeline does at inference)."""
