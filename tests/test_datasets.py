@@ -231,3 +231,33 @@ def ds0_item(faces_dir, name):
         FaceDatasetConfig(hq_dirs=[str(faces_dir)], size=32, degradation="bicubic_x4", split="all")
     )
     return ds[[rel for _, rel in ds.files].index(name)]["hq"]
+
+
+@pytest.mark.parametrize("degradation", ["bicubic_x4", "blind"])
+def test_cached_items_equal_uncached_ones_in_every_epoch(faces_dir, degradation):
+    """cache_items keeps the decoded HQ (and a bicubic LQ); flips and random LQ draws stay per epoch."""
+    cfg = dict(hq_dirs=[str(faces_dir)], size=32, degradation=degradation, split="all", hflip=True)
+    plain = FaceDataset(FaceDatasetConfig(**cfg))
+    cached = FaceDataset(FaceDatasetConfig(**cfg, cache_items=True))
+    cached.prefill(workers=2)
+    assert len(cached._cache) == len(cached)
+    flipped = 0
+    for epoch in (0, 1, 2):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], cached[i]
+            assert torch.equal(a["hq"], b["hq"]) and torch.equal(a["lq"], b["lq"])
+            assert a["degradation"] == b["degradation"] and a["name"] == b["name"]
+            assert torch.equal(a["landmarks"].isnan(), b["landmarks"].isnan())
+            flipped += '"hflip": true' in b["degradation"]
+    assert 0 < flipped < 3 * len(plain)  # flips were drawn, and the cache kept the unflipped face
+    kept_lq = [entry[1] is not None for entry in cached._cache.values()]
+    assert all(kept_lq) if degradation == "bicubic_x4" else not any(kept_lq)
+
+
+def test_prefill_does_nothing_without_cache_items(faces_dir):
+    ds = FaceDataset(FaceDatasetConfig(hq_dirs=[str(faces_dir)], size=32, split="all"))
+    ds.prefill()
+    ds[0]
+    assert ds._cache == {}

@@ -126,6 +126,22 @@ def _utk_task(**kw) -> LLVFSRTask:
     )
 
 
+def test_cached_training_faces_train_exactly_like_uncached_ones(tmp_path):
+    """cache_train_items (for GPUs, where decoding limits the step rate) changes speed, not the run."""
+    from priorface.models.checkpoint import read_checkpoint
+
+    weights = []
+    for cache in (False, True):
+        task = _utk_task(hflip=True, cache_train_items=cache)
+        out = tmp_path / f"cache-{cache}"
+        train(
+            task, TrainConfig(out_dir=str(out), steps=5, batch_size=4, val_every=100, ckpt_every=100, seed=3)
+        )
+        weights.append(read_checkpoint(out / "latest.safetensors").content)
+        assert len(task.train_set()._cache) == (8 if cache else 0)  # filled before the first step
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_hflip_mirrors_face_input_and_mask_together():
     plain, flipping = _utk_task().train_set(), _utk_task(hflip=True).train_set()
     flipped = [i for i in range(8) if '"hflip": true' in flipping[i]["degradation"]]

@@ -105,8 +105,9 @@ def test_eye_mouth_boxes_gfpgan_like_proportions():
     assert float(edge[0, 0, 0]) == 0.0 and float(edge[0, 0, 2]) > 0.0
 
 
-def test_windowed_drawing_matches_a_full_grid_reference():
-    """Each ellipse is drawn in its bounding box only; a full-image evaluation must agree pixel for pixel."""
+def test_batched_drawing_matches_a_per_pixel_reference():
+    """The batched ellipse test (axes divided by semi-axes) agrees pixel for pixel with a plain
+    projection of each pixel onto the axes, also for faces partly outside the crop."""
     from priorface.inference.priors import landmark_mask as lm_module
 
     gen = torch.Generator().manual_seed(0)
@@ -132,6 +133,17 @@ def test_windowed_drawing_matches_a_full_grid_reference():
         lm_module._fill_ellipse = original
     assert torch.equal(fast, reference) and fast.shape == (b, h, w)
     assert set(torch.unique(fast).tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_each_face_is_drawn_as_if_it_were_alone():
+    """One batched test over all faces: a face's mask must not depend on the faces beside it."""
+    gen = torch.Generator().manual_seed(1)
+    lm = torch.tensor(template_points("utkface", 128), dtype=torch.float32).repeat(6, 1, 1)
+    lm = lm + torch.randn(6, 5, 2, generator=gen) * 8
+    batch = landmark_label_map(lm, 128, 96)
+    alone = torch.cat([landmark_label_map(lm[i : i + 1], 128, 96) for i in range(6)])
+    assert torch.equal(batch, alone) and batch.dtype == torch.uint8
+    assert landmark_mask(lm, 128, 96).device == lm.device  # drawn where the landmarks live
 
 
 def test_landmark_input_is_checked():

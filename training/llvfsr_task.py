@@ -92,6 +92,9 @@ class LLVFSRTaskConfig:
     # weights file (save_llvfsr) a fresh run starts from; its config must equal this task's model
     # config. A resumed run ignores it (the train state holds the weights).
     init_from: str | None = None
+    # keep decoded, aligned training faces (and their bicubic LR) in memory, filled before step 1 by
+    # a thread pool: on a GPU decoding and warping each face otherwise limit the step rate
+    cache_train_items: bool = False
 
 
 class LLVFSRTask(TrainTask):
@@ -222,7 +225,9 @@ class LLVFSRTask(TrainTask):
     def train_set(self) -> FaceDataset:
         if self.cfg.priors_dir:
             self._cache()  # every face has a complete, consistent prior file, or stop now
-        return self._dataset(self.cfg.priors_dir)
+        dataset = self._dataset(self.cfg.priors_dir)
+        dataset.prefill()
+        return dataset
 
     def _dataset(self, priors_dir: str | None) -> FaceDataset:
         return FaceDataset(
@@ -238,6 +243,7 @@ class LLVFSRTask(TrainTask):
                 priors_dir=priors_dir,
                 hflip=self.cfg.hflip,
                 hq_usm=self.cfg.hq_usm,
+                cache_items=self.cfg.cache_train_items,
             )
         )
 
@@ -288,7 +294,7 @@ class LLVFSRTask(TrainTask):
         kwargs: dict[str, Any] = {}
         lm = self.template_landmarks().repeat(len(labels), 1, 1) if landmarks is None else landmarks
         if "mask" in self.cfg.priors:
-            kwargs["mask"] = landmark_mask(lm, self.cfg.size, self.cfg.size).to(device)
+            kwargs["mask"] = landmark_mask(lm.to(device), self.cfg.size, self.cfg.size)  # drawn on the device
         texts = {}
         if "caption" in self.cfg.priors:
             texts["caption"] = [template_caption(lab or None) for lab in labels]

@@ -14,7 +14,6 @@ proportions (its facial-component boxes), for AuthFace's eye/mouth loss.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
@@ -80,25 +79,16 @@ def face_frame(landmarks: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _fill_ellipse(labels, value, centre, axis_a, semi_a, axis_b, semi_b) -> None:
     """Set ``labels`` [B,H,W] to ``value`` inside ellipses given by centre and two (not necessarily
-    orthogonal) unit axis directions with their semi-axes; only each ellipse's bounding box is visited.
+    orthogonal) unit axis directions with their semi-axes; one batched test over every pixel.
     """
     h, w = labels.shape[-2:]
-    for i in range(labels.shape[0]):
-        rows = torch.stack([axis_a[i] / semi_a[i], axis_b[i] / semi_b[i]])  # p -> (a, b) coordinates
-        inv = torch.linalg.inv(rows.double()).float()  # columns: offset per unit a and per unit b
-        half = inv.norm(dim=1)  # bounding half-extent along x and y of the unit circle's image
-        x0, y0 = (int(max(0, math.floor(float(centre[i, k] - half[k])))) for k in (0, 1))
-        x1, y1 = (
-            int(min(w - 1, math.ceil(float(centre[i, 0] + half[0])))),
-            int(min(h - 1, math.ceil(float(centre[i, 1] + half[1])))),
-        )
-        if x1 < x0 or y1 < y0:
-            continue  # entirely outside the crop
-        xs = torch.arange(x0, x1 + 1, dtype=torch.float32)[None, :] - centre[i, 0]
-        ys = torch.arange(y0, y1 + 1, dtype=torch.float32)[:, None] - centre[i, 1]
-        a = xs * rows[0, 0] + ys * rows[0, 1]
-        b = xs * rows[1, 0] + ys * rows[1, 1]
-        labels[i, y0 : y1 + 1, x0 : x1 + 1].masked_fill_(a * a + b * b <= 1.0, value)
+    rows_a = axis_a / semi_a[:, None]  # p -> (a, b) coordinates: a = rows_a . (p - centre)
+    rows_b = axis_b / semi_b[:, None]
+    xs = torch.arange(w, dtype=torch.float32, device=labels.device)[None, None, :] - centre[:, 0, None, None]
+    ys = torch.arange(h, dtype=torch.float32, device=labels.device)[None, :, None] - centre[:, 1, None, None]
+    a = xs * rows_a[:, 0, None, None] + ys * rows_a[:, 1, None, None]
+    b = xs * rows_b[:, 0, None, None] + ys * rows_b[:, 1, None, None]
+    labels.masked_fill_(a * a + b * b <= 1.0, value)
 
 
 def _perp(v: torch.Tensor) -> torch.Tensor:
@@ -112,7 +102,7 @@ def landmark_label_map(landmarks: torch.Tensor, height: int, width: int) -> torc
     lm = _check_landmarks(landmarks)
     f = face_frame(lm)
     u, d, iod, em = f["u"], f["d"], f["iod"], f["em"]
-    labels = torch.zeros(lm.shape[0], height, width, dtype=torch.uint8)
+    labels = torch.zeros(lm.shape[0], height, width, dtype=torch.uint8, device=lm.device)
 
     cu, cd, su, sd = _FACE_OVAL
     centre = f["eye_mid"] + (cu * iod)[:, None] * u + (cd * em)[:, None] * d
@@ -150,7 +140,7 @@ def landmark_label_map(landmarks: torch.Tensor, height: int, width: int) -> torc
 
 def one_hot_mask(labels: torch.Tensor, num_classes: int = len(MASK_LABELS)) -> torch.Tensor:
     """Label map ``[B,H,W]`` -> float one-hot ``[B,K,H,W]``."""
-    classes = torch.arange(num_classes, dtype=labels.dtype)
+    classes = torch.arange(num_classes, dtype=labels.dtype, device=labels.device)
     return (labels[:, None] == classes[None, :, None, None]).float()
 
 
