@@ -209,22 +209,27 @@ class FaceDataset(torch.utils.data.Dataset):
 
     def _unflipped(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
         """(HQ [1,3,S,S], LQ [1,3,s,s], degradation parameters, landmarks [5,2]) before any flip."""
-        if index in self._cache:
-            hq, lq, params, landmarks = self._cache[index]
-            if lq is None:  # random degradation: only the HQ side is cached
-                lq, params = self._degrade(hq, index)
-            elif "seed" in params:  # fixed LQ; the record still names this epoch's seed
-                params = {**params, "seed": item_seed(self.config.seed, self.epoch, index)}
-            return hq, lq, params, landmarks
-        path, rel = self.files[index]
-        hq, landmarks = self.load_hq_and_landmarks(path, rel)
-        if self.config.hq_usm:
-            hq = sharpen_bchw(hq, *self.config.hq_usm)
-        lq, params = self._degrade(hq, index)
-        if self.config.cache_items:
-            fixed = self.config.degradation in BICUBIC_MODES or self.config.degradation == "precomputed"
-            self._cache[index] = (hq, lq if fixed else None, params, landmarks)
+        hq, lq, params, landmarks = self._cache.get(index) or self._load(index)
+        if lq is None:  # drawn anew for every epoch
+            lq, params = self._degrade(hq, index)
+        elif "seed" in params:  # a fixed LQ; its record still names this epoch's seed
+            params = {**params, "seed": item_seed(self.config.seed, self.epoch, index)}
         return hq, lq, params, landmarks
+
+    def _load(self, index: int) -> tuple:
+        """(HQ, LQ and its parameters when the degradation is fixed else None, landmarks); cached
+        with ``cache_items``."""
+        cfg = self.config
+        hq, landmarks = self.load_hq_and_landmarks(*self.files[index])
+        if cfg.hq_usm:
+            hq = sharpen_bchw(hq, *cfg.hq_usm)
+        lq = params = None
+        if cfg.degradation in BICUBIC_MODES or cfg.degradation == "precomputed":
+            lq, params = self._degrade(hq, index)
+        entry = (hq, lq, params, landmarks)
+        if cfg.cache_items:
+            self._cache[index] = entry
+        return entry
 
     def _degrade(self, hq: torch.Tensor, index: int) -> tuple[torch.Tensor, dict]:
         """The item's LQ for the current epoch (drawn with the item's seed) and its parameters."""
@@ -248,7 +253,7 @@ class FaceDataset(torch.utils.data.Dataset):
         workers = workers or min(8, os.cpu_count() or 1)
         todo = [i for i in range(len(self)) if i not in self._cache]
         with progress_bar(len(todo), "Caching faces") as bar, ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(self._unflipped, todo):
+            for _ in pool.map(self._load, todo):
                 bar.update(1)
 
     def load_hq(self, path: Path, rel: str) -> torch.Tensor:
