@@ -185,9 +185,9 @@ class FaceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         cfg = self.config
-        hq, lq, params, landmarks = self._unflipped(index)
-        params = dict(params)
         seed = item_seed(cfg.seed, self.epoch, index)
+        hq, lq, params, landmarks = self._unflipped(index, seed)
+        params = dict(params)
         if cfg.hflip and cfg.split != "val" and np.random.default_rng(seed).random() < 0.5:
             hq, lq = hq.flip(-1), lq.flip(-1)
             landmarks = mirror_landmarks(landmarks, cfg.size)
@@ -207,16 +207,17 @@ class FaceDataset(torch.utils.data.Dataset):
             item["priors"] = self._load_priors(stem)
         return item
 
-    def _unflipped(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
-        """(HQ [1,3,S,S], LQ [1,3,s,s], degradation parameters, landmarks [5,2]) before any flip."""
-        hq, lq, params, landmarks = self._cache.get(index) or self._load(index)
+    def _unflipped(self, index: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+        """(HQ [1,3,S,S], LQ [1,3,s,s], degradation parameters, landmarks [5,2]) before any flip;
+        ``seed`` is the item's seed in the current epoch (item_seed)."""
+        hq, lq, params, landmarks = self._cache.get(index) or self._load(index, seed)
         if lq is None:  # drawn anew for every epoch
-            lq, params = self._degrade(hq, index)
+            lq, params = self._degrade(hq, index, seed)
         elif "seed" in params:  # a fixed LQ; its record still names this epoch's seed
-            params = {**params, "seed": item_seed(self.config.seed, self.epoch, index)}
+            params = {**params, "seed": seed}
         return hq, lq, params, landmarks
 
-    def _load(self, index: int) -> tuple:
+    def _load(self, index: int, seed: int) -> tuple:
         """(HQ, LQ and its parameters when the degradation is fixed else None, landmarks); cached
         with ``cache_items``."""
         cfg = self.config
@@ -225,14 +226,14 @@ class FaceDataset(torch.utils.data.Dataset):
             hq = sharpen_bchw(hq, *cfg.hq_usm)
         lq = params = None
         if cfg.degradation in BICUBIC_MODES or cfg.degradation == "precomputed":
-            lq, params = self._degrade(hq, index)
+            lq, params = self._degrade(hq, index, seed)
         entry = (hq, lq, params, landmarks)
         if cfg.cache_items:
             self._cache[index] = entry
         return entry
 
-    def _degrade(self, hq: torch.Tensor, index: int) -> tuple[torch.Tensor, dict]:
-        """The item's LQ for the current epoch (drawn with the item's seed) and its parameters."""
+    def _degrade(self, hq: torch.Tensor, index: int, seed: int) -> tuple[torch.Tensor, dict]:
+        """The item's LQ drawn with ``seed`` (random degradations) and its parameters."""
         cfg = self.config
         if cfg.degradation == "precomputed":
             stem = str(Path(self.files[index][1]).with_suffix(""))
@@ -240,7 +241,7 @@ class FaceDataset(torch.utils.data.Dataset):
             if cfg.lq_size == "input":
                 lq = resize_bchw(lq, cfg.size, cfg.size)
             return lq, {"mode": "precomputed", "file": str(self._lq_index[stem])}
-        return degrade(hq, cfg.degradation, item_seed(cfg.seed, self.epoch, index), cfg.lq_size)
+        return degrade(hq, cfg.degradation, seed, cfg.lq_size)
 
     def prefill(self, workers: int | None = None) -> None:
         """Fill the item cache (``cache_items``) with a thread pool; decoding and warps release the GIL."""
@@ -252,8 +253,9 @@ class FaceDataset(torch.utils.data.Dataset):
 
         workers = workers or min(8, os.cpu_count() or 1)
         todo = [i for i in range(len(self)) if i not in self._cache]
+        seeds = [item_seed(self.config.seed, self.epoch, i) for i in todo]
         with progress_bar(len(todo), "Caching faces") as bar, ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(self._load, todo):
+            for _ in pool.map(self._load, todo, seeds):
                 bar.update(1)
 
     def load_hq(self, path: Path, rel: str) -> torch.Tensor:
